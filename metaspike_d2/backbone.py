@@ -1,0 +1,176 @@
+"""Meta-SpikeFormer backbone (``Spiking_vit_MetaFormer``) and its variants table.
+
+Stage layout (widths ``C = [C0, C1, C2, C3]``; spiking tensors are ``(T, B, C, H, W)``):
+
+================  ==========================================  ========  ======
+feature           layers                                      channels  stride
+================  ==========================================  ========  ======
+``stem``          encoding conv 7x7 s2 (no LIF) + 1 ConvBlock  C0/2      2
+``stage1``        LIF-conv 3x3 s2 + 1 ConvBlock                C0        4
+``stage2``        LIF-conv 3x3 s2 + 2 ConvBlocks               C1        8
+``stage3``        LIF-conv 3x3 s2 + 6 TransformerBlocks        C2        16
+``stage4``        LIF-conv 3x3 s1|s2 + 2 TransformerBlocks     C3        16|32
+================  ==========================================  ========  ======
+
+The paper's stage 4 keeps stride 16 (``stage4_stride=1``); detection uses ``stage4_stride=2`` so that
+features sit at 4/8/16/32 as FPN anchors and RoI pooling assume (docs/deviations.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .blocks import ConvBlock, Downsample, TransformerBlock
+
+__all__ = ["VARIANTS", "Variant", "MetaSpikeFormer", "FEATURE_NAMES", "FeatureInfo"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the variants table: stage widths and the paper's nominal size."""
+
+    widths: Tuple[int, int, int, int]
+    description: str
+
+
+#: The published widths (and ``tiny``, not in the paper, for quickstarts and tests). The original's
+#: factory names ``metaspikformer_8_{384,512,768}`` are named after the stage-3 width C2.
+VARIANTS: Dict[str, Variant] = {
+    "tiny": Variant((16, 32, 64, 96), "about 1.1M parameters; quickstarts and tests (not in the paper)"),
+    "15m": Variant((64, 128, 256, 360), "15.1M; det/seg '15M' configs"),
+    "31m": Variant((96, 192, 384, 480), "31.3M; metaspikformer_8_384"),
+    "55m": Variant((128, 256, 512, 640), "55.4M; metaspikformer_8_512 (80.0% ImageNet at T=4)"),
+    "123m": Variant((192, 384, 768, 960), "123.7M; metaspikformer_8_768 (not in the paper)"),
+}
+
+FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4")
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    channels: int
+    stride: int
+
+
+class Stage(nn.Module):
+    """A downsampling layer followed by a list of blocks. ``(T, B, C_in, H, W) -> (T, B, C, H/s, W/s)``."""
+
+    def __init__(self, downsample: Downsample, blocks: Iterable[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class MetaSpikeFormer(nn.Module):
+    """Meta-SpikeFormer backbone: image ``(B, 3, H, W)`` -> named stage features ``(T, B, C, H/s, W/s)``.
+
+    Args:
+        widths: ``[C0, C1, C2, C3]`` (or pass ``variant``).
+        variant: a key of :data:`VARIANTS` (``"15m"``, ``"55m"``, ...); exclusive with ``widths``.
+        time_steps: T. The image is repeated T times (direct encoding); the encoding conv runs once.
+        in_chans: input channels of the encoding conv.
+        num_heads: SDSA heads in stages 3 and 4.
+        drop_path_rate: stochastic depth, linearly increasing over the 8 transformer blocks.
+        stage4_stride: 1 (the paper, stride 16) or 2 (stride 32, used for detection).
+        out_features: which of :data:`FEATURE_NAMES` ``forward`` returns; computing stops after the last.
+
+    A 5-D input ``(T, B, C, H, W)`` (e.g. event frames) is used as is, and then sets T.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] | None = None,
+        *,
+        variant: str | None = None,
+        time_steps: int = 1,
+        in_chans: int = 3,
+        num_heads: int = 8,
+        drop_path_rate: float = 0.0,
+        stage4_stride: int = 1,
+        out_features: Sequence[str] = ("stage4",),
+    ):
+        super().__init__()
+        widths = resolve_widths(widths, variant)
+        if stage4_stride not in (1, 2):
+            raise ValueError(f"stage4_stride must be 1 (paper) or 2 (detection), got {stage4_stride}")
+        unknown = [f for f in out_features if f not in FEATURE_NAMES]
+        if unknown or not out_features:
+            raise ValueError(f"out_features {list(out_features)} must be a non-empty subset of {FEATURE_NAMES}")
+        c0, c1, c2, c3 = widths
+        self.widths = tuple(widths)
+        self.time_steps = time_steps  # validated by the setter
+        self.out_features = tuple(f for f in FEATURE_NAMES if f in out_features)
+
+        dpr = torch.linspace(0, drop_path_rate, 8).tolist()
+        self.stem = Stage(Downsample(in_chans, c0 // 2, 7, 2, 3, spiking_input=False), [ConvBlock(c0 // 2)])
+        self.stage1 = Stage(Downsample(c0 // 2, c0), [ConvBlock(c0)])
+        self.stage2 = Stage(Downsample(c0, c1), [ConvBlock(c1), ConvBlock(c1)])
+        self.stage3 = Stage(Downsample(c1, c2), [TransformerBlock(c2, num_heads, drop_path=dpr[i]) for i in range(6)])
+        self.stage4 = Stage(Downsample(c2, c3, stride=stage4_stride),
+                            [TransformerBlock(c3, num_heads, drop_path=dpr[6 + i]) for i in range(2)])
+
+        strides = (2, 4, 8, 16, 16 * stage4_stride)
+        channels = (c0 // 2, c0, c1, c2, c3)
+        self.feature_info: Dict[str, FeatureInfo] = {
+            name: FeatureInfo(ch, st) for name, ch, st in zip(FEATURE_NAMES, channels, strides)
+        }
+
+    @property
+    def time_steps(self) -> int:
+        return self._time_steps
+
+    @time_steps.setter
+    def time_steps(self, value: int) -> None:
+        if int(value) != value or value < 1:
+            raise ValueError(f"time steps T must be an integer >= 1, got {value!r}")
+        self._time_steps = int(value)
+
+    @property
+    def size_divisibility(self) -> int:
+        """Input sides must be multiples of this so that every stage has an integer size."""
+        return self.feature_info["stage4"].stride
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if x.dim() == 4:
+            x = self.stem.downsample.encode(x, self.time_steps)
+        elif x.dim() == 5:
+            x = self.stem.downsample(x)
+        else:
+            raise ValueError(f"expected an image batch (B, C, H, W) or a sequence (T, B, C, H, W), got {tuple(x.shape)}")
+        for block in self.stem.blocks:
+            x = block(x)
+        outputs: Dict[str, torch.Tensor] = {}
+        last = self.out_features[-1]
+        for name in FEATURE_NAMES:
+            if name != "stem":
+                x = getattr(self, name)(x)
+            if name in self.out_features:
+                outputs[name] = x
+            if name == last:
+                break
+        return outputs
+
+
+def resolve_widths(widths: Sequence[int] | None, variant: str | None) -> Tuple[int, int, int, int]:
+    """Widths from either an explicit list or a :data:`VARIANTS` key (exactly one must be given)."""
+    if (widths is None) == (variant is None):
+        raise ValueError("give exactly one of `widths` or `variant`")
+    if variant is not None:
+        key = variant.lower()
+        if key not in VARIANTS:
+            raise ValueError(f"unknown Meta-SpikeFormer variant {variant!r}; known: {sorted(VARIANTS)}")
+        return VARIANTS[key].widths
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 4 or any(w <= 0 for w in widths) or widths[0] % 2:
+        raise ValueError(f"widths must be 4 positive integers with an even C0, got {list(widths)}")
+    return widths
+

@@ -1,0 +1,262 @@
+"""Building blocks of Meta-SpikeFormer (Yao et al., ICLR 2024, "Spike-Driven Transformer V2").
+
+Shapes: spiking tensors are ``(T, B, C, H, W)``; stateless layers run on ``T*B`` through
+:func:`~metaspike_d2.neurons.seq_apply`. Every conv/linear whose input comes from a
+:class:`~metaspike_d2.neurons.MultiStepLIF` is driven by binary spikes; residual paths add real-valued
+("membrane shortcut") values, as in the paper's ``ms`` model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import drop_path as timm_drop_path
+from torch import nn
+
+from .neurons import MultiStepLIF, seq_apply
+
+__all__ = [
+    "BNAndPad",
+    "RepConv",
+    "SepConv",
+    "ConvBlock",
+    "SpikeDrivenSelfAttention",
+    "SpikeMLP",
+    "TransformerBlock",
+    "Downsample",
+    "DropPath",
+]
+
+
+class BNAndPad(nn.BatchNorm2d):
+    """BatchNorm2d followed by a 1-pixel border filled with the BN's output for a zero input.
+
+    ``(N, C, H, W) -> (N, C, H + 2p, W + 2p)``. The border value per channel is
+    ``beta - mu_running * gamma / sqrt(var_running + eps)`` (running statistics, also in training,
+    detached), which is what makes ``1x1 conv -> BN -> 3x3 conv`` foldable into one 3x3 conv.
+    """
+
+    def __init__(self, num_features: int, pad: int = 1):
+        super().__init__(num_features)
+        self.pad = pad
+
+    def pad_values(self) -> torch.Tensor:
+        scale = self.weight.detach() / torch.sqrt(self.running_var + self.eps)
+        return self.bias.detach() - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.pad == 0:
+            return y
+        p = self.pad
+        y = F.pad(y, [p, p, p, p])
+        border = torch.ones_like(y[:1, :1], dtype=torch.bool)
+        border[..., p:-p, p:-p] = False
+        return torch.where(border, self.pad_values().view(1, -1, 1, 1).to(y.dtype), y)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", pad={self.pad}"
+
+
+class RepConv(nn.Module):
+    """Re-parameterizable conv of the paper: ``1x1 conv -> BN-and-pad -> depthwise 3x3 -> 1x1 conv -> BN``.
+
+    ``(N, C_in, H, W) -> (N, C_out, H, W)``. The chain is linear, so at inference it folds into a single
+    3x3 conv (+ bias), see :mod:`metaspike_d2.reparam`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.pw1 = nn.Conv2d(in_channels, in_channels, 1, bias=False)
+        self.bn_pad = BNAndPad(in_channels, pad=1)
+        self.dw = nn.Conv2d(in_channels, in_channels, 3, padding=0, groups=in_channels, bias=False)
+        self.pw2 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.pw2(self.dw(self.bn_pad(self.pw1(x)))))
+
+
+class SepConv(nn.Module):
+    """Inverted separable conv (MetaFormer/MobileNetV2 style), the token mixer of the conv blocks.
+
+    ``(T, B, C, H, W) -> (T, B, C, H, W)``:
+    ``LIF -> 1x1 conv C->2C -> BN -> LIF -> depthwise 7x7 -> 1x1 conv 2C->C -> BN``.
+    """
+
+    def __init__(self, dim: int, expansion: int = 2, kernel_size: int = 7):
+        super().__init__()
+        hidden = expansion * dim
+        self.lif1 = MultiStepLIF()
+        self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.lif2 = MultiStepLIF()
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False)
+        self.pwconv2 = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = seq_apply(lambda s: self.bn1(self.pwconv1(s)), self.lif1(x))
+        return seq_apply(lambda s: self.bn2(self.pwconv2(self.dwconv(s))), self.lif2(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on ``(T, B, ...)`` residual branches: one keep/drop decision per *sample*, shared
+    over all time steps (timm's ``drop_path`` draws per leading index, so T is moved out of the way)."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        return timm_drop_path(x.transpose(0, 1), self.rate, self.training).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class ConvBlock(nn.Module):
+    """The paper's "Conv-based SNN block" (``MS_ConvBlock``). ``(T, B, C, H, W) -> (T, B, C, H, W)``::
+
+        x = x + SepConv(x)
+        x = x + BN(Conv3x3_{4C->C}(LIF(BN(Conv3x3_{C->4C}(LIF(x))))))
+    """
+
+    def __init__(self, dim: int, mlp_ratio: int = 4, drop_path: float = 0.0):
+        super().__init__()
+        hidden = mlp_ratio * dim
+        self.sepconv = SepConv(dim)
+        self.lif1 = MultiStepLIF()
+        self.conv1 = nn.Conv2d(dim, hidden, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.lif2 = MultiStepLIF()
+        self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.sepconv(x))
+        y = seq_apply(lambda s: self.bn1(self.conv1(s)), self.lif1(x))
+        y = seq_apply(lambda s: self.bn2(self.conv2(s)), self.lif2(y))
+        return x + self.drop_path(y)
+
+
+class SpikeDrivenSelfAttention(nn.Module):
+    """Spike-driven self-attention (SDSA, ``MS_Attention_RepConv_qkv_id``). ``(T, B, C, H, W) -> same``.
+
+    ``Q, K, V = LIF(BN(RepConv(LIF(x))))`` are binary; per head (``d_h = C / heads``) the product is
+    linear attention evaluated as ``Q (K^T V)`` times a fixed ``scale`` (0.125 for every width, as in the
+    original), spiked by a neuron with threshold 0.5, then projected by ``BN(RepConv(.))``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, attn_threshold: float = 0.5):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"SDSA width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.scale = scale
+        self.head_lif = MultiStepLIF()
+        self.q_conv, self.q_bn, self.q_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF()
+        self.k_conv, self.k_bn, self.k_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF()
+        self.v_conv, self.v_bn, self.v_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF()
+        self.attn_lif = MultiStepLIF(v_threshold=attn_threshold)
+        self.proj_conv, self.proj_bn = RepConv(dim, dim), nn.BatchNorm2d(dim)
+
+    def _heads(self, s: torch.Tensor) -> torch.Tensor:
+        """``(T, B, C, H, W) -> (T, B, heads, N, d_h)`` with head-major channels."""
+        t, b, c, h, w = s.shape
+        return s.reshape(t, b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, c, h, w = x.shape
+        x = self.head_lif(x)
+        q = self._heads(self.q_lif(seq_apply(lambda s: self.q_bn(self.q_conv(s)), x)))
+        k = self._heads(self.k_lif(seq_apply(lambda s: self.k_bn(self.k_conv(s)), x)))
+        v = self._heads(self.v_lif(seq_apply(lambda s: self.v_bn(self.v_conv(s)), x)))
+        y = (q @ (k.transpose(-2, -1) @ v)) * self.scale  # (T, B, heads, N, d_h)
+        y = y.transpose(-1, -2).reshape(t, b, c, h, w)
+        y = self.attn_lif(y)
+        return seq_apply(lambda s: self.proj_bn(self.proj_conv(s)), y)
+
+
+class SpikeMLP(nn.Module):
+    """Channel MLP of the transformer block (``MS_MLP``). ``(T, B, C, H, W) -> same``:
+    ``LIF -> 1x1 conv C->rC (bias) -> BN -> LIF -> 1x1 conv rC->C (bias) -> BN``.
+
+    The original used ``Conv1d`` over flattened tokens; a 1x1 ``Conv2d`` is the same map (the converter
+    reshapes the weights), and keeps every layer of the network 4-D.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: int = 4):
+        super().__init__()
+        hidden = mlp_ratio * dim
+        self.lif1 = MultiStepLIF()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.lif2 = MultiStepLIF()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = seq_apply(lambda s: self.bn1(self.fc1(s)), self.lif1(x))
+        return seq_apply(lambda s: self.bn2(self.fc2(s)), self.lif2(x))
+
+
+class TransformerBlock(nn.Module):
+    """The paper's "Transformer-based SNN block" (``MS_Block``). ``(T, B, C, H, W) -> same``::
+
+        x = x + DropPath(SDSA(x));  x = x + DropPath(MLP(x))
+
+    Drop-path is applied (the original built it but never called it; docs/deviations.md).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4, drop_path: float = 0.0):
+        super().__init__()
+        self.attn = SpikeDrivenSelfAttention(dim, num_heads)
+        self.mlp = SpikeMLP(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(x))
+        return x + self.drop_path(self.mlp(x))
+
+
+class Downsample(nn.Module):
+    """Downsampling layer (``MS_DownSampling``): ``[LIF] -> conv (bias) -> BN``.
+
+    ``(T, B, C_in, H, W) -> (T, B, C_out, H', W')``. The first layer of the network has no LIF: it is the
+    analog *encoding* layer, fed by the image (its multiply-adds are the only MACs in the paper's energy
+    accounting). Because its T input copies are identical, the encoding layer accepts the image as
+    ``(B, C, H, W)`` and computes conv + BN once, broadcasting over T (same output and BN statistics).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 2,
+                 padding: int = 1, spiking_input: bool = True):
+        super().__init__()
+        self.lif = MultiStepLIF() if spiking_input else None
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lif is not None:
+            x = self.lif(x)
+        return seq_apply(lambda s: self.bn(self.conv(s)), x)
+
+    def encode(self, image: torch.Tensor, time_steps: int) -> torch.Tensor:
+        """Direct encoding of an analog image: ``(B, C, H, W) -> (T, B, C_out, H', W')``.
+
+        Equal to ``forward(image repeated T times)``, but the conv runs once. In training the BN still
+        sees the T copies, so its batch statistics and running-statistics update are exactly the
+        original's; in eval the BN also runs once and the result is broadcast over T (a view).
+        """
+        if self.lif is not None:
+            raise RuntimeError("encode() is only defined for the analog encoding layer (no input LIF)")
+        if time_steps < 1:
+            raise ValueError(f"time steps T must be >= 1, got {time_steps}")
+        y = self.conv(image)
+        if self.training:
+            y = y.unsqueeze(0).expand(time_steps, *y.shape).flatten(0, 1)
+            return self.bn(y).reshape(time_steps, -1, *y.shape[1:])
+        y = self.bn(y)
+        return y.unsqueeze(0).expand(time_steps, *y.shape)
