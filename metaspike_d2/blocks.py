@@ -123,7 +123,7 @@ class ConvBlock(nn.Module):
         x = x + BN(Conv3x3_{4C->C}(LIF(BN(Conv3x3_{C->4C}(LIF(x))))))
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4, drop_path: float = 0.0):
+    def __init__(self, dim: int, mlp_ratio: int = 4):
         super().__init__()
         hidden = mlp_ratio * dim
         self.sepconv = SepConv(dim)
@@ -133,13 +133,11 @@ class ConvBlock(nn.Module):
         self.lif2 = MultiStepLIF()
         self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(dim)
-        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.sepconv(x))
+        x = x + self.sepconv(x)
         y = seq_apply(lambda s: self.bn1(self.conv1(s)), self.lif1(x))
-        y = seq_apply(lambda s: self.bn2(self.conv2(s)), self.lif2(y))
-        return x + self.drop_path(y)
+        return x + seq_apply(lambda s: self.bn2(self.conv2(s)), self.lif2(y))
 
 
 class SpikeDrivenSelfAttention(nn.Module):
