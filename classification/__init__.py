@@ -1,0 +1,1 @@
+"""Classification subproject: ImageNet-style training, distillation and export for Meta-SpikeFormer."""
