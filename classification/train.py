@@ -123,6 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--max-train-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
     g.add_argument("--max-eval-steps", type=int, default=None)
+    g.add_argument("--max-epochs-per-run", type=int, default=None,
+                   help="stop after this many epochs in this invocation (time-limited jobs; continue with --resume auto)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
     return p
 
@@ -229,7 +231,7 @@ def make_loader(dataset, args, train: bool):
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device_obj.type == "cuda", drop_last=drop_last,
-        persistent_workers=args.num_workers > 0)
+        persistent_workers=False)  # workers re-seeded from the per-epoch seed (deterministic resume)
 
 
 def set_seed(seed: int) -> None:
@@ -253,6 +255,8 @@ def _main(args) -> dict:
     if not args.data_path:
         raise SystemExit("--data-path is required: an ImageFolder root (DATA_PATH/train/<class>/*, "
                          "DATA_PATH/val/<class>/*) or 'synthetic'")
+    if not args.eval and not 0 <= args.warmup_epochs < args.epochs:
+        raise SystemExit(f"--warmup-epochs ({args.warmup_epochs}) must be >= 0 and smaller than --epochs ({args.epochs})")
     device = args.device_obj
     set_seed(args.seed + args.rank)
     autocast_ctx, scaler = autocast_factory(args)
@@ -370,9 +374,15 @@ def _main(args) -> dict:
 
     record: dict = {}
     run_start = time.time()
-    for epoch in range(start_epoch, args.epochs):
+    end_epoch = args.epochs if not args.max_epochs_per_run else min(args.epochs, start_epoch + args.max_epochs_per_run)
+    for epoch in range(start_epoch, end_epoch):
+        # everything random in an epoch (order, augmentation, workers' seeds) follows from (seed, rank, epoch),
+        # so a resumed run repeats exactly what an uninterrupted one would have done
+        set_seed(args.seed + args.rank + 1000 * epoch)
         if args.distributed:
             loader_train.sampler.set_epoch(epoch)
+        else:
+            loader_train.sampler.generator.manual_seed(args.seed + epoch)
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, scheduler, scaler, device, epoch, autocast_ctx=autocast_ctx,
             accum_iter=args.accum_iter, clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,

@@ -1,0 +1,217 @@
+"""classification/: train + eval, resume, distillation, export (tiny model, 32 px, a few synthetic images)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from classification import export, train  # noqa: E402
+from classification.data import SYNTHETIC_CLASSES, build_dataset, make_synthetic_imagefolder  # noqa: E402
+from classification.distill import DistillationLoss, build_teacher  # noqa: E402
+from metaspike_d2 import MetaSpikeFormer  # noqa: E402
+from metaspike_d2.checkpoint import (CheckpointError, load_backbone_weights, load_checkpoint_file,  # noqa: E402
+                                     load_state_dict_strict, original_key_map)
+
+# 2 train / 1 val image per class: 20 training images = 2 steps of 10, 10 val images
+BASE = ["--model", "metaspikeformer_tiny", "--data-path", "synthetic", "--synthetic-per-class", "2", "1",
+        "--input-size", "32", "--batch-size", "10", "--num-workers", "0", "--warmup-epochs", "0",
+        "--blr", "1e-2", "--no-amp"]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    make_synthetic_imagefolder(str(d), train_per_class=2, val_per_class=1)
+    return str(d)
+
+
+def run(synth_dir, out, *extra):
+    args = train.parse_args([*BASE, "--synthetic-dir", synth_dir, "--output-dir", str(out), *extra])
+    return train.main(args)
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(synth_dir, tmp_path_factory):
+    """One epoch of training + eval; shared by the tests that need a checkpoint."""
+    out = tmp_path_factory.mktemp("t1")
+    record = run(synth_dir, out, "--epochs", "1")
+    return out, record
+
+
+def test_synthetic_data_is_deterministic(tmp_path):
+    a = make_synthetic_imagefolder(str(tmp_path / "a"), train_per_class=1, val_per_class=1)
+    b = make_synthetic_imagefolder(str(tmp_path / "b"), train_per_class=1, val_per_class=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 2 * len(SYNTHETIC_CLASSES)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert sorted(d.name for d in (a / "train").iterdir()) == sorted(SYNTHETIC_CLASSES)
+
+
+def test_missing_data_path_names_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train/<class_name>"):
+        build_dataset(str(tmp_path / "nowhere"), "train", None)
+    (tmp_path / "d" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="missing split folder 'val'"):
+        build_dataset(str(tmp_path / "d"), "val", None)
+
+
+def test_train_and_eval_one_epoch(trained, synth_dir):
+    out, record = trained
+    (rec,) = read_log(out)
+    assert rec["epoch"] == 0 and rec == pytest.approx(record)
+    for key in ("train_loss", "val_top1", "val_top5", "lr"):
+        assert isinstance(rec[key], float) and rec[key] == rec[key]
+    assert rec["train_images"] == 20 and rec["val_images"] == 10
+    assert 0 <= rec["val_top1"] <= rec["val_top5"] <= 100
+    assert rec["lr"] > 0
+    assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    ckpt = load_checkpoint_file(out / train.CHECKPOINT_LAST)  # weights_only=True
+    assert ckpt["epoch"] == 0 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "metaspikeformer_tiny"
+    assert {"model", "optimizer", "scheduler", "scaler"} <= set(ckpt)
+    # lr = blr * batch / 256; the model trained (weights moved away from the initial ones)
+    assert ckpt["args"]["lr"] == pytest.approx(1e-2 * 10 / 256)
+
+    # --eval at another T on the same checkpoint: the same val set, metrics in range
+    stats = train.main(train.parse_args([*BASE, "--synthetic-dir", synth_dir, "--eval", "--time-steps", "2",
+                                         "--resume", str(out / train.CHECKPOINT_LAST)]))
+    assert stats["time_steps"] == 2 and stats["val_images"] == 10 and not stats["kd_head"]
+    assert 0 <= stats["val_top1"] <= 100
+
+
+def test_resume_continues_epochs_and_optimizer(synth_dir, tmp_path):
+    full = tmp_path / "full"
+    run(synth_dir, full, "--epochs", "2", "--warmup-epochs", "1")
+    part = tmp_path / "part"
+    run(synth_dir, part, "--epochs", "2", "--warmup-epochs", "1", "--max-epochs-per-run", "1")
+    first = load_checkpoint_file(part / train.CHECKPOINT_LAST)
+    assert first["epoch"] == 0 and [r["epoch"] for r in read_log(part)] == [0]
+    run(synth_dir, part, "--epochs", "2", "--warmup-epochs", "1", "--resume", "auto")
+    assert [r["epoch"] for r in read_log(part)] == [0, 1]
+    a = load_checkpoint_file(full / train.CHECKPOINT_LAST)
+    b = load_checkpoint_file(part / train.CHECKPOINT_LAST)
+    assert b["epoch"] == 1
+    steps = lambda c: int(c["optimizer"]["param_groups"][0]["step"])  # noqa: E731  (timm Lamb counts per group)
+    assert steps(first) == 2 and steps(b) == 4  # the optimizer's step counts continued
+    assert b["optimizer"]["param_groups"][0]["lr"] == pytest.approx(a["optimizer"]["param_groups"][0]["lr"])
+    # the resumed run did exactly what the uninterrupted one did
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, msg=key)
+
+
+def test_distillation_loss_matches_deit():
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(6, 4)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    head, head_kd = torch.randn(5, 4), torch.randn(5, 4)
+    ce = torch.nn.CrossEntropyLoss()
+    hard = DistillationLoss(ce, teacher, "hard", alpha=0.5)(x, (head, head_kd), y)
+    expected = 0.5 * ce(head, y) + 0.5 * ce(head_kd, teacher(x).argmax(1))
+    torch.testing.assert_close(hard, expected)
+    soft = DistillationLoss(ce, teacher, "soft", alpha=0.5, tau=2.0)(x, (head, head_kd), y)
+    p_t = torch.softmax(teacher(x) / 2, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(head_kd / 2, 1))).sum() * 4 / head_kd.numel()
+    torch.testing.assert_close(soft, 0.5 * ce(head, y) + 0.5 * kl)
+    assert DistillationLoss(ce, None, "none")(x, (head, head_kd), y) == ce(head, y)
+    with pytest.raises(ValueError, match="kd=True"):
+        DistillationLoss(ce, teacher, "hard")(x, head, y)
+
+
+def test_teacher_weights_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot be downloaded"):
+        build_teacher("caformer_b36.sail_in22k_ft_in1k", str(tmp_path / "missing.pth"), 1000, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--teacher-weights"):
+        build_teacher("caformer_b36.sail_in22k_ft_in1k", "", 1000, torch.device("cpu"))
+
+
+def test_kd_finetune_t1_to_t2_with_stand_in_teacher(trained, synth_dir, tmp_path):
+    """The T=1 -> T=4 recipe in small: init from the T=1 checkpoint (head_kd new), hard distillation."""
+    out_t1, _ = trained
+    teacher = timm.create_model("test_efficientnet", num_classes=len(SYNTHETIC_CLASSES))
+    weights = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, weights)
+    out = tmp_path / "kd"
+    record = run(synth_dir, out, "--epochs", "1", "--time-steps", "2", "--kd", "--distillation-type", "hard",
+                 "--teacher-model", "test_efficientnet", "--teacher-weights", str(weights),
+                 "--finetune", str(out_t1 / train.CHECKPOINT_LAST), "--blr", "2e-5", "--model-ema")
+    assert record["train_loss"] == record["train_loss"] and record["val_images"] == 10
+    assert "val_top1_ema" in record
+    ckpt = load_checkpoint_file(out / train.CHECKPOINT_LAST)
+    assert "head_kd.weight" in ckpt["model"] and "model_ema" in ckpt
+    init = load_checkpoint_file(out_t1 / train.CHECKPOINT_LAST)["model"]
+    # the backbone started from the T=1 weights (tiny lr: still close), head_kd did not exist there
+    assert "head_kd.weight" not in init
+    assert torch.allclose(ckpt["model"]["stage4.downsample.conv.weight"], init["stage4.downsample.conv.weight"],
+                          atol=1e-3)
+    # a KD checkpoint evaluates without --kd (head_kd is detected), at T=1
+    stats = train.main(train.parse_args([*BASE, "--synthetic-dir", synth_dir, "--eval",
+                                         "--resume", str(out / train.CHECKPOINT_LAST)]))
+    assert stats["kd_head"] and stats["val_images"] == 10
+
+
+def test_distillation_requires_kd_head(synth_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--kd"):
+        run(synth_dir, tmp_path, "--epochs", "1", "--distillation-type", "hard", "--teacher-weights", "x.pth")
+
+
+def _assert_loads_into_backbone(path, reference):
+    state_dict, meta = load_backbone_weights(path)
+    for stride in (1, 2):  # stage4_stride changes no weight shape
+        report = load_state_dict_strict(MetaSpikeFormer(variant="tiny", stage4_stride=stride), state_dict, source=path)
+        assert report.missing == [] and report.unexpected == [] and report.complete
+    assert meta["widths"] == [16, 32, 64, 96]
+    for key, value in state_dict.items():
+        torch.testing.assert_close(value, reference[key], msg=key)
+    return meta
+
+
+def test_export_ours_then_load_into_backbone(trained, tmp_path, capsys):
+    out, _ = trained
+    ckpt = out / train.CHECKPOINT_LAST
+    weights = tmp_path / "tiny_backbone.pth"
+    report = export.main(["--input", str(ckpt), "--output", str(weights), "--variant", "tiny"])
+    assert report["dropped"] == ["head.weight", "head.bias"]
+    assert "dropped (classifier only): head.weight, head.bias" in capsys.readouterr().out
+    meta = _assert_loads_into_backbone(weights, load_checkpoint_file(ckpt)["model"])
+    assert meta["format"] == "metaspike_d2.backbone/1"
+
+
+def test_export_original_layout(tmp_path):
+    model = timm.create_model("metaspikeformer_tiny", num_classes=7, kd=True)
+    ours = model.state_dict()
+    inverse = {v: k for k, v in original_key_map(("head", "head_kd")).items()}
+    original = {}
+    for key, value in ours.items():
+        if ".mlp.fc" in key and key.endswith(".weight"):
+            value = value.squeeze(-1)  # the original's Conv1d weights (out, in, 1)
+        original[inverse[key]] = value
+    src = tmp_path / "checkpoint-299.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in original.items()}, "epoch": 299}, src)
+    report = export.export_backbone(str(src), str(tmp_path / "bb.pth"))
+    assert report["layout"] == "original BICLab" and sorted(report["dropped"]) == sorted(
+        ["head.weight", "head.bias", "head_kd.weight", "head_kd.bias"])
+    _assert_loads_into_backbone(tmp_path / "bb.pth", ours)
+
+
+def test_export_wrong_variant_and_truncated_file(trained, tmp_path):
+    out, _ = trained
+    ckpt = out / train.CHECKPOINT_LAST
+    with pytest.raises(SystemExit, match=r"do not match --variant 15m"):
+        export.main(["--input", str(ckpt), "--output", str(tmp_path / "x.pth"), "--variant", "15m"])
+    data = ckpt.read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        export.main(["--input", str(bad), "--output", str(tmp_path / "y.pth")])
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
+    with pytest.raises(CheckpointError):
+        load_checkpoint_file(bad)
