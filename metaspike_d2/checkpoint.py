@@ -33,6 +33,7 @@ __all__ = [
     "backbone_state_dict",
     "save_backbone_weights",
     "load_backbone_weights",
+    "convert_original_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -264,12 +265,14 @@ def backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[st
 def save_backbone_weights(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], source: str) -> Path:
     """Write backbone weights (our ``MetaSpikeFormer`` keys, no prefix) atomically, with their widths.
 
-    File content: ``{"model": state_dict, "format": BACKBONE_FORMAT, "widths": [C0..C3], "source": str}``;
+    Classifier heads in ``state_dict`` are dropped and listed in the file. File content:
+    ``{"model": state_dict, "format": BACKBONE_FORMAT, "widths": [C0..C3], "source": str, "dropped": [...]}``;
     only tensors and plain values, so it loads with ``weights_only=True``.
     """
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    return save_atomic({"model": state_dict, "format": BACKBONE_FORMAT,
-                        "widths": list(infer_widths(state_dict)), "source": source}, path)
+    kept, dropped = backbone_state_dict(state_dict)
+    kept = {k: v.detach().cpu().contiguous() for k, v in kept.items()}
+    return save_atomic({"model": kept, "format": BACKBONE_FORMAT, "widths": list(infer_widths(kept)),
+                        "source": source, "dropped": dropped}, path)
 
 
 def load_backbone_weights(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -284,5 +287,39 @@ def load_backbone_weights(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tens
                               "`python tools/convert_original.py --input FILE --output OUT.pth`")
     meta = {k: v for k, v in checkpoint.items() if k != "model"} if isinstance(checkpoint, Mapping) else {}
     meta["widths"] = list(infer_widths(state_dict))
-    meta["dropped"] = dropped
+    meta["dropped"] = list(meta.get("dropped", [])) + dropped
     return state_dict, meta
+
+
+def _plain(value: Any) -> Any:
+    """A value reduced to what ``weights_only=True`` accepts (containers of str/int/float/bool/None)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def convert_original_checkpoint(input_path: str | os.PathLike, output_path: str | os.PathLike) -> Dict[str, Any]:
+    """Convert an original BICLab classification checkpoint file into ours (written atomically).
+
+    Input: ``{"model": state_dict, "args": Namespace, "epoch", "optimizer", "scaler"}`` (or a bare state
+    dict). Output: ``{"model": our state_dict, "widths", "num_classes", "kd", "source", "original_args",
+    "original_epoch"}``, loadable with ``timm.create_model(name, num_classes=..., kd=..., checkpoint_path=...)``.
+    Optimizer and scaler states are not carried over (they belong to the original's training run).
+    """
+    checkpoint = load_checkpoint_file(input_path)
+    state_dict = convert_original_state_dict(extract_state_dict(checkpoint, str(input_path)), str(input_path))
+    args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+    info = {
+        "widths": list(infer_widths(state_dict)),
+        "num_classes": int(state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else 0,
+        "kd": "head_kd.weight" in state_dict,
+        "source": f"converted from original BICLab checkpoint {Path(input_path).name}",
+        "original_args": _plain(vars(args)) if isinstance(args, argparse.Namespace) else _plain(args),
+        "original_epoch": _plain(checkpoint.get("epoch")) if isinstance(checkpoint, Mapping) else None,
+    }
+    save_atomic({"model": state_dict, **info}, output_path)
+    return {**info, "num_tensors": len(state_dict)}

@@ -219,7 +219,8 @@ def test_report_files_recompute(tmp_path):
 def test_stage_of():
     assert stage_of("stage3.blocks.0.attn.q_conv") == "stage3"
     assert stage_of("backbone.bottom_up.stem.downsample.conv") == "stem"
-    assert stage_of("backbone.fpn_lateral2") == "fpn_lateral2"
+    assert stage_of("backbone.fpn_lateral2") == "neck"
+    assert stage_of("backbone.lateral_lifs.0") == "neck"
     assert stage_of("roi_heads.box_head.fc1") == "roi_heads"
     assert stage_of("head") == "head" and stage_of("lif") == "head"
 

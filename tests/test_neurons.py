@@ -1,0 +1,57 @@
+"""The LIF neuron: equations, statelessness, surrogate gradient, time helpers."""
+import pytest
+import torch
+from spikingjelly.activation_based import neuron
+
+from metaspike_d2.neurons import MultiStepLIF, mean_over_time, repeat_over_time, seq_apply
+
+
+def test_lif_matches_hand_computed_sequence():
+    # tau = 2: H = (V + X) / 2; spike when H >= 1; hard reset to 0.
+    x = torch.tensor([[1.0], [1.5], [2.0], [0.4], [4.0], [-1.0]])
+    # V: 0 -> H .5 (no) V .5 -> H 1.0 (spike) V 0 -> H 1.0 (spike) V 0 -> H .2 V .2 -> H 2.1 (spike) V 0 -> H -.5
+    expected = torch.tensor([[0.0], [1.0], [1.0], [0.0], [1.0], [0.0]])
+    assert torch.equal(MultiStepLIF()(x), expected)
+
+
+def test_lif_threshold_is_configurable():
+    x = torch.tensor([[1.0], [0.0]])  # H = 0.5 at t=0
+    assert MultiStepLIF(v_threshold=0.5)(x)[0].item() == 1.0
+    assert MultiStepLIF(v_threshold=1.0)(x)[0].item() == 0.0
+
+
+def test_lif_is_a_spikingjelly_lifnode_with_the_papers_settings():
+    lif = MultiStepLIF()
+    assert isinstance(lif, neuron.LIFNode)
+    assert (lif.tau, lif.v_threshold, lif.v_reset, lif.detach_reset, lif.decay_input) == (2.0, 1.0, 0.0, True, True)
+    assert lif.surrogate_function.alpha == 4.0
+    assert list(lif.parameters()) == [] and list(lif.buffers()) == []
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_no_state_leaks_between_calls(training):
+    lif = MultiStepLIF().train(training)
+    x = torch.rand(4, 3, 8) * 3
+    first = lif(x)
+    lif(torch.rand(4, 5, 2) * 3)  # a different batch shape in between must not matter either
+    assert torch.equal(first, lif(x))
+
+
+def test_surrogate_gradient_is_sigmoid_alpha_4():
+    x = torch.tensor([[1.6]], requires_grad=True)  # T=1: H = 0.8
+    MultiStepLIF()(x).sum().backward()
+    sg = torch.sigmoid(torch.tensor(4 * (0.8 - 1.0)))
+    expected = 4 * sg * (1 - sg) * 0.5  # dS/dH * dH/dX
+    assert torch.allclose(x.grad, expected.view(1, 1), atol=1e-6)
+
+
+def test_time_helpers():
+    img = torch.rand(2, 3, 4, 4)
+    seq = repeat_over_time(img, 3)
+    assert seq.shape == (3, 2, 3, 4, 4) and torch.equal(seq[2], img)
+    assert torch.allclose(mean_over_time(seq), img, atol=1e-7)
+    conv = torch.nn.Conv2d(3, 5, 1)
+    out = seq_apply(conv, seq)
+    assert out.shape == (3, 2, 5, 4, 4) and torch.allclose(out[1], conv(img))
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        repeat_over_time(img, 0)
