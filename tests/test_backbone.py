@@ -34,8 +34,9 @@ def test_original_factory_names_are_aliases(alias, variant):
     assert count(timm.create_model(alias)) == PARAMS[variant][0]
 
 
-def test_tiny_variant_is_small():
-    assert 1_000_000 <= count(timm.create_model("metaspikeformer_tiny")) <= 2_000_000
+def test_tiny_variant_counts():
+    assert count(timm.create_model("metaspikeformer_tiny")) == 1_099_640  # README's table
+    assert count(MetaSpikeFormer(variant="tiny")) == 1_002_640
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
