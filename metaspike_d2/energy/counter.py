@@ -59,12 +59,14 @@ _HEAD_NAMES = {"head", "head_kd", "lif", "head_drop"}
 
 def stage_of(name: str) -> str:
     """The stage a module name belongs to: a backbone feature name (``stem``, ``stage1``...) if the path
-    has one, ``head`` for the classifier head, else the first non-wrapper component (``neck``,
-    ``roi_heads``, ``sem_seg_head``, ...)."""
+    has one, ``neck`` for the rest of a Detectron2 ``backbone`` (FPN), ``head`` for the classifier head,
+    else the first non-wrapper component (``proposal_generator``, ``roi_heads``, ``sem_seg_head``, ...)."""
     parts = [p for p in name.split(".") if p]
     for part in parts:
         if part in FEATURE_NAMES:
             return part
+    if parts and parts[0] == "backbone":  # Detectron2: FPN convs, their neurons and top block
+        return "neck"
     for part in parts:
         if part not in _WRAPPERS:
             return "head" if part in _HEAD_NAMES else part
@@ -80,6 +82,7 @@ class _Accum:
     mac_calls: int = 0          # calls whose input was not binary
     calls: int = 0
     steps: int = 1              # time steps one call covers
+    first_call: float = float("inf")  # position of the first call in the forward pass (layer order)
     step_nnz: Optional[List[float]] = None
     step_numel: Optional[List[float]] = None
 
@@ -98,7 +101,7 @@ class _Accum:
     def scaled(self, factor: float) -> "_Accum":
         """The same inputs driving a layer with ``factor`` times the dense ops (folded convs)."""
         return _Accum(self.dense * factor, self.weighted * factor, self.mac_calls, self.calls, self.steps,
-                      None if self.step_nnz is None else list(self.step_nnz),
+                      self.first_call, None if self.step_nnz is None else list(self.step_nnz),
                       None if self.step_numel is None else list(self.step_numel))
 
 
@@ -188,7 +191,7 @@ class SpikeCounter:
         self._neuron_monitor: Optional[monitor.OutputMonitor] = None
         self._stats: Dict[str, _Accum] = {}
         self._modules = dict(model.named_modules())
-        self._order = {name: i for i, name in enumerate(self._modules)}
+        self._calls = 0
 
     # --------------------------------------------------------------------------- hooks
     def __enter__(self) -> "SpikeCounter":
@@ -231,9 +234,11 @@ class SpikeCounter:
             self._active = False
             self._neuron_monitor.disable()
 
-    def _split_steps(self, module: nn.Module, x: torch.Tensor) -> Tuple[int, torch.Tensor]:
+    def _split_steps(self, module: nn.Module, x: torch.Tensor, binary: bool) -> Tuple[int, torch.Tensor]:
         """``(steps, x viewed as (steps, -1))``. Inputs inside the spiking network are ``(T*B, ...)``
-        (time-major) or, for linear layers, ``(T, B, ..., C)``; the encoding conv gets ``(B, ...)``."""
+        (time-major) or, for linear layers, ``(T, B, ..., C)``; the encoding conv gets ``(B, ...)``.
+        Other leading sizes (e.g. ``T * num_rois`` in detection heads): spikes come from a neuron, hence
+        hold T time-major steps; real values there are T-averaged membranes, used once."""
         t, b, lead = self.time_steps, self._batch, x.shape[0]
         if isinstance(module, nn.Linear) and x.dim() >= 3 and lead == t:
             return t, x.reshape(t, -1)
@@ -241,7 +246,7 @@ class SpikeCounter:
             return t, x.reshape(t, -1)
         if b is not None and lead == b:
             return 1, x.reshape(1, -1)
-        if lead % t == 0:  # e.g. (T * num_rois, ...) in detection heads: assume time-major
+        if binary and lead % t == 0:
             return t, x.reshape(t, -1)
         return 1, x.reshape(1, -1)
 
@@ -251,12 +256,16 @@ class SpikeCounter:
                 return
             x = inputs[0].detach()
             acc = self._stats.setdefault(name, _Accum())
+            if acc.calls == 0:
+                acc.first_call = self._calls
+            self._calls += 1
             dense = _dense_ops(module, x, output)
-            steps, per_step = self._split_steps(module, x)
+            binary = is_binary_tensor(x)
+            steps, per_step = self._split_steps(module, x, binary)
             acc.calls += 1
             acc.dense += dense
             acc.steps = steps
-            if is_binary_tensor(x):
+            if binary:
                 nnz = per_step.count_nonzero(dim=1).double()
                 numel = float(per_step.shape[1])
                 acc.weighted += float(nnz.sum()) / (numel * steps) * dense
@@ -292,7 +301,7 @@ class SpikeCounter:
             s[1] += float(sum(numel))
         return {k: v[0] / v[1] for k, v in sums.items() if v[1] > 0}
 
-    def _attention_layers(self) -> List[Tuple[int, str, str, _Accum]]:
+    def _attention_layers(self) -> List[Tuple[float, str, str, _Accum]]:
         """``K^T V`` and ``Q (K^T V)`` of every SDSA: per head ``d_h`` accumulates per K (resp. Q) spike."""
         recs = self._neuron_records()
         out = []
@@ -314,14 +323,17 @@ class SpikeCounter:
                     acc.weighted += float(nnz_t.sum()) * d_h
                     acc.add_steps(nnz_t.tolist(), [float(numel_t)] * len(nnz_t))
                     acc.steps = len(nnz_t)
-                out.append((self._order[prefix + "attn_lif"], prefix + suffix, f"{op} ({module.num_heads} heads)", acc))
+                # placed right before the output projection (whose pw1 runs after both products)
+                proj = self._stats.get(prefix + "proj_conv.pw1")
+                order = (proj.first_call if proj is not None else float("inf")) - (0.5 if operand == "k_lif" else 0.25)
+                out.append((order, prefix + suffix, f"{op} ({module.num_heads} heads)", acc))
         return out
 
     def layers(self, accounting: str = "paper") -> List[LayerCount]:
         """Per-layer counts averaged per image. ``accounting``: ``"paper"`` or ``"naive"`` (module docstring)."""
         if accounting not in ("paper", "naive"):
             raise ValueError(f"accounting must be 'paper' or 'naive', got {accounting!r}")
-        rows: List[Tuple[int, str, str, _Accum]] = []
+        rows: List[Tuple[float, str, str, _Accum]] = []
         consumed = set()
         if accounting == "paper":
             for name, module in self._modules.items():
@@ -331,18 +343,19 @@ class SpikeCounter:
                     factor = k * module.pw2.out_channels / module.pw1.out_channels
                     op = (f"RepConv as conv{module.dw.kernel_size[0]}x{module.dw.kernel_size[1]} "
                           f"{module.pw1.in_channels}->{module.pw2.out_channels}")
-                    rows.append((self._order[name], name, op, self._stats[prefix + "pw1"].scaled(factor)))
+                    rows.append((self._stats[prefix + "pw1"].first_call, name, op,
+                                 self._stats[prefix + "pw1"].scaled(factor)))
                     consumed.update(prefix + p for p in ("pw1", "dw", "pw2"))
                 elif isinstance(module, SepConv) and prefix + "dwconv" in self._stats:
                     dw, pw2 = module.dwconv, module.pwconv2
                     factor = pw2.out_channels * dw.groups / dw.out_channels
                     op = f"dw+pw as conv{dw.kernel_size[0]}x{dw.kernel_size[1]} {dw.in_channels}->{pw2.out_channels}"
-                    rows.append((self._order[prefix + "dwconv"], prefix + "dwconv+pwconv2", op,
+                    rows.append((self._stats[prefix + "dwconv"].first_call, prefix + "dwconv+pwconv2", op,
                                  self._stats[prefix + "dwconv"].scaled(factor)))
                     consumed.update((prefix + "dwconv", prefix + "pwconv2"))
         for name, acc in self._stats.items():
             if name not in consumed:
-                rows.append((self._order[name], name, _op_name(self._modules[name]), acc))
+                rows.append((acc.first_call, name, _op_name(self._modules[name]), acc))
         rows.extend(self._attention_layers())
         rows.sort(key=lambda r: (r[0], r[1]))
         n = max(self.num_images, 1)

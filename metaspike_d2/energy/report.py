@@ -157,23 +157,24 @@ class EnergyReport:
     def format_table(self, max_rows: Optional[int] = None) -> str:
         """Per-layer table (paper accounting), stage summary and totals of both accountings."""
         c = self.constants
-        lines = [f"{'layer':<44} {'op':<34} {'kind':<4} {'FLOPs(M)':>10} {'fr':>6} {'SOPs(M)':>10} {'E(mJ)':>9}"]
+        lines = [f"{'layer':<52} {'op':<30} {'kind':<4} {'FLOPs(M)':>10} {'fr':>6} {'SOPs(M)':>10} {'E(mJ)':>9}"]
         lines.append("-" * len(lines[0]))
         shown = self.layers if max_rows is None else self.layers[:max_rows]
         for l in shown:
             fr = "-" if l.firing_rate is None else f"{l.firing_rate:.3f}"
-            lines.append(f"{l.name[-44:]:<44} {l.op[:34]:<34} {l.kind:<4} {l.flops / 1e6:>10.2f} {fr:>6} "
+            name = l.name if len(l.name) <= 52 else "~" + l.name[-51:]
+            lines.append(f"{name:<52} {l.op[:30]:<30} {l.kind:<4} {l.flops / 1e6:>10.2f} {fr:>6} "
                          f"{l.sops / 1e6:>10.2f} {l.energy_pj(c.e_mac_pj, c.e_ac_pj) / PJ_PER_MJ:>9.4f}")
         if max_rows is not None and len(self.layers) > max_rows:
             lines.append(f"... {len(self.layers) - max_rows} more layers in layers.csv")
         lines.append("")
-        lines.append("stage      mean firing rate   FLOPs(G)   SOPs(G)   energy(mJ)")
+        lines.append(f"{'stage':<18} {'fr(all)':>8} {'FLOPs(G)':>10} {'SOPs(G)':>9} {'energy(mJ)':>12}")
         for stage in dict.fromkeys(l.stage for l in self.layers):
             ls = [l for l in self.layers if l.stage == stage]
             e = sum(l.energy_pj(c.e_mac_pj, c.e_ac_pj) for l in ls) / PJ_PER_MJ
             fr = self.stage_firing_rates.get(stage)
             frs = "-" if fr is None else f"{fr:.4f}"
-            lines.append(f"{stage:<10} {frs:>16} {sum(l.flops for l in ls) / 1e9:>10.3f} "
+            lines.append(f"{stage:<18} {frs:>8} {sum(l.flops for l in ls) / 1e9:>10.3f} "
                          f"{sum(l.sops for l in ls) / 1e9:>9.3f} {e:>12.4f}")
         t, nt = self.totals, self.naive_totals
         lines.append("")
