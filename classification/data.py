@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
 
 __all__ = [
@@ -45,6 +45,27 @@ IMAGEFOLDER_HELP = (
     "expected an ImageFolder tree: DATA_PATH/train/<class_name>/<images> and DATA_PATH/val/<class_name>/<images> "
     "(the same class folder names in both), or --data-path synthetic for the built-in generated data"
 )
+
+
+def _posterize(img, bits_to_keep, **__):
+    """timm's ``posterize`` op for Pillow >= 13. RandAugment ``PosterizeIncreasing`` at magnitude 10 (reached with
+    ``mstd0.5`` around m9) asks for 0 bits; Pillow 13's ``ImageOps.posterize`` now rejects bits < 1 with a
+    ValueError (crashing a training run within the first epoch), where older Pillow returned a black image."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)  # what Pillow < 13 returned for 0 bits
+    return ImageOps.posterize(img, int(bits_to_keep))
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
+_patch_timm_posterize()
 
 
 def build_transform(is_train: bool, input_size: int = 224, *, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",

@@ -53,6 +53,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
         with sync:
             with autocast_ctx():
                 outputs = model(images)
+                # the loss in float32 (CPU bf16 autocast would otherwise leave the logits in bf16)
+                outputs = tuple(o.float() for o in outputs) if isinstance(outputs, (tuple, list)) else outputs.float()
                 loss = criterion(images, outputs, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):

@@ -215,3 +215,18 @@ def test_export_wrong_variant_and_truncated_file(trained, tmp_path):
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
     with pytest.raises(CheckpointError):
         load_checkpoint_file(bad)
+
+
+def test_randaugment_posterize_at_full_magnitude():
+    """timm's RandAugment posterize asks for 0 bits at magnitude 10 (hit with mstd0.5 around m9); under
+    Pillow >= 13 that raised a ValueError in the data loader. The transform must survive it."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    from classification import data  # noqa: F401  (installs the fix)
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    out = op(img)
+    assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img).getpixel((0, 0)) == (192, 64, 0)  # 2 bits
