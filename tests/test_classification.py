@@ -230,3 +230,28 @@ def test_randaugment_posterize_at_full_magnitude():
     out = op(img)
     assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
     assert AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img).getpixel((0, 0)) == (192, 64, 0)  # 2 bits
+
+
+def test_export_loads_through_detectron2_model_weights(trained, tmp_path):
+    """The exported file as MODEL.WEIGHTS: Detectron2's checkpointer initialises the whole backbone from it."""
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+
+    from metaspike_d2.d2 import MetaSpikeCheckpointer, add_metaspike_config
+    from metaspike_d2.d2.backbone import build_metaspike_backbone
+
+    out, _ = trained
+    weights = tmp_path / "tiny_backbone.pth"
+    export.main(["--input", str(out / train.CHECKPOINT_LAST), "--output", str(weights)])
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.MODEL.METASPIKE.VARIANT = "tiny"
+    model = torch.nn.Module()
+    model.backbone = build_metaspike_backbone(cfg, ShapeSpec(channels=3))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    MetaSpikeCheckpointer(model).load(str(weights))
+    trained_sd = load_checkpoint_file(out / train.CHECKPOINT_LAST)["model"]
+    assert set(before) == {k for k in trained_sd if not k.startswith("head")}
+    assert any(not torch.equal(before[k], trained_sd[k]) for k in before)  # the load changed the weights
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, trained_sd[key], msg=key)
