@@ -103,3 +103,28 @@ def test_firing_rate_hook_logs_stage_means_every_period():
         hook.after_train()
     assert logged[0] == {}  # iteration 0 is not a logging iteration
     assert logged[1] != logged[3]  # a new value at iteration 3 (inputs scaled differently)
+
+
+def test_hook_is_built_from_config_and_placed_before_the_writers():
+    from detectron2.config import CfgNode as CN
+    from detectron2.config import get_cfg
+    from detectron2.engine import hooks as d2_hooks
+
+    from metaspike_d2.d2.energy_hook import FiringRateHook, build_firing_rate_hook, register_firing_rate_hook
+
+    cfg = get_cfg()
+    assert build_firing_rate_hook(cfg) is None  # no MODEL.METASPIKE node: off
+    cfg.MODEL.METASPIKE = CN()
+    cfg.MODEL.METASPIKE.FIRING_RATE_PERIOD = 0
+    assert build_firing_rate_hook(cfg) is None
+
+    class FakeTrainer:
+        def __init__(self):
+            self._hooks = [d2_hooks.IterationTimer(), d2_hooks.PeriodicWriter([], period=20)]
+
+    trainer = FakeTrainer()
+    assert register_firing_rate_hook(trainer, cfg) is None and len(trainer._hooks) == 2
+    cfg.MODEL.METASPIKE.FIRING_RATE_PERIOD = 50
+    hook = register_firing_rate_hook(trainer, cfg)
+    assert isinstance(hook, FiringRateHook) and hook.period == 50
+    assert [type(h) for h in trainer._hooks] == [d2_hooks.IterationTimer, FiringRateHook, d2_hooks.PeriodicWriter]

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..energy.counter import _spikes_per_step, stage_of
 
-__all__ = ["FiringRateHook", "build_firing_rate_hook", "build_d2_energy_model", "stage_firing_rates"]
+__all__ = ["FiringRateHook", "build_firing_rate_hook", "register_firing_rate_hook", "build_d2_energy_model",
+           "stage_firing_rates"]
 
 
 def stage_firing_rates(records: Dict[str, List[Tuple[torch.Tensor, int]]]) -> Dict[str, float]:
@@ -84,6 +85,23 @@ def build_firing_rate_hook(cfg, model: Optional[nn.Module] = None) -> Optional[F
     """The hook when ``MODEL.METASPIKE.FIRING_RATE_PERIOD`` > 0 (missing key: off), else None."""
     period = int(cfg.MODEL.METASPIKE.get("FIRING_RATE_PERIOD", 0)) if "METASPIKE" in cfg.MODEL else 0
     return FiringRateHook(period, model) if period > 0 else None
+
+
+def register_firing_rate_hook(trainer, cfg) -> Optional[FiringRateHook]:
+    """Add the hook (if the config enables it) to a ``DefaultTrainer``, *before* its writers, so the rates
+    of a logging iteration are written in the same iteration (writers skip values older than their last
+    write)."""
+    import weakref
+
+    from detectron2.engine import hooks as d2_hooks
+
+    hook = build_firing_rate_hook(cfg)
+    if hook is None:
+        return None
+    hook.trainer = weakref.proxy(trainer)
+    idx = next((i for i, h in enumerate(trainer._hooks) if isinstance(h, d2_hooks.PeriodicWriter)), len(trainer._hooks))
+    trainer._hooks.insert(idx, hook)
+    return hook
 
 
 def build_d2_energy_model(config_file: str, weights: str = "", opts: Sequence[str] = (),
