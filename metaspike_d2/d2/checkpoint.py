@@ -1,0 +1,60 @@
+"""``MetaSpikeCheckpointer``: Detectron2's checkpointer with safe loading and backbone-weight files.
+
+* Every file is read with ``torch.load(weights_only=True)`` (through
+  :func:`metaspike_d2.checkpoint.load_checkpoint_file`); pickle-based ``.pkl`` / ``.pyth`` files are refused.
+* Full-model checkpoints written by Detectron2 (``model_final.pth``, ``last_checkpoint``) load as usual
+  (``--eval-only``, ``--resume``).
+* A Meta-SpikeFormer *backbone* file (what classification export writes, or one of our classification
+  checkpoints) given as ``MODEL.WEIGHTS`` initializes only the bottom-up backbone: every backbone key must
+  be present (otherwise :class:`~metaspike_d2.checkpoint.CheckpointError`), classifier keys are dropped and
+  reported, the neck and heads keep their initialization.
+"""
+from __future__ import annotations
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from ..backbone import MetaSpikeFormer
+from ..checkpoint import CheckpointError, load_backbone_weights, load_checkpoint_file, load_state_dict_strict
+
+__all__ = ["MetaSpikeCheckpointer"]
+
+_BACKBONE_KEY = "__metaspike_backbone__"
+
+
+def _is_backbone_state_dict(state_dict) -> bool:
+    """Keys in the bare ``MetaSpikeFormer`` layout (ours, or the original BICLab one)."""
+    return any(k.startswith(("stem.", "stage1.", "downsample1_1.", "block3.")) for k in state_dict)
+
+
+class MetaSpikeCheckpointer(DetectionCheckpointer):
+    """:class:`DetectionCheckpointer` that loads with ``weights_only=True`` and accepts backbone files."""
+
+    def _load_file(self, filename: str):
+        if filename.endswith((".pkl", ".pyth")):
+            raise CheckpointError(
+                f"{filename}: pickle-based checkpoints can run arbitrary code and are not loaded. Re-save the "
+                "state dict with torch.save({'model': state_dict}, 'file.pth') on a machine where you trust it.")
+        loaded = super()._load_file(filename)  # -> self._torch_load for everything else
+        if _is_backbone_state_dict(loaded["model"]):
+            state_dict, meta = load_backbone_weights(filename)
+            meta["path"] = filename
+            return {"model": state_dict, _BACKBONE_KEY: meta}
+        return loaded
+
+    def _torch_load(self, f: str):
+        return load_checkpoint_file(f)
+
+    def _load_model(self, checkpoint):
+        if _BACKBONE_KEY not in checkpoint:
+            return super()._load_model(checkpoint)
+        meta = checkpoint.pop(_BACKBONE_KEY)
+        backbones = [m for m in self.model.modules() if isinstance(m, MetaSpikeFormer)]
+        if len(backbones) != 1:
+            raise CheckpointError(f"{meta['path']} holds Meta-SpikeFormer backbone weights, but the model has "
+                                  f"{len(backbones)} Meta-SpikeFormer backbones")
+        report = load_state_dict_strict(backbones[0], checkpoint.pop("model"), source=meta["path"])
+        self.logger.info(
+            f"Initialized the Meta-SpikeFormer backbone from {meta['path']} ({len(report.loaded)} tensors, "
+            f"widths {meta['widths']}); dropped classifier keys: {meta['dropped'] or 'none'}; "
+            "neck and heads keep their initialization.")
+        return None

@@ -1,0 +1,94 @@
+"""Detectron2 config keys of metaspike-d2: ``add_metaspike_config(cfg)``.
+
+Every key is documented where it is defined (this file is the single reference; docs/detection.md
+renders the same list). Call it right after ``get_cfg()``, before ``merge_from_file``.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_metaspike_config"]
+
+
+def add_metaspike_config(cfg: CN) -> None:
+    """Add the ``MODEL.METASPIKE`` node and the solver / input keys used by metaspike-d2 (in place)."""
+    _C = cfg
+
+    # ------------------------------------------------------------------------------------------
+    # Backbone: Meta-SpikeFormer (metaspike_d2.backbone.MetaSpikeFormer)
+    # ------------------------------------------------------------------------------------------
+    _C.MODEL.METASPIKE = CN()
+    # A key of metaspike_d2.backbone.VARIANTS: "tiny", "15m", "31m", "55m", "123m".
+    _C.MODEL.METASPIKE.VARIANT = "15m"
+    # Explicit stage widths [C0, C1, C2, C3]; when non-empty it replaces VARIANT.
+    _C.MODEL.METASPIKE.WIDTHS = []
+    # Time steps T (direct encoding: the image is presented T times). T=1 and T=4 are the paper's settings.
+    _C.MODEL.METASPIKE.T = 1
+    # SDSA heads in stages 3 and 4.
+    _C.MODEL.METASPIKE.NUM_HEADS = 8
+    # Stochastic depth over the 8 transformer blocks (rate rises linearly to this value).
+    _C.MODEL.METASPIKE.DROP_PATH_RATE = 0.0
+    # Stride of the stage-4 downsample: 2 puts stage 4 at stride 32 (features at 4/8/16/32, the
+    # detection default); 1 is the paper's backbone (stage 4 at stride 16, like stage 3), in which
+    # case the FPN must be built from features at 4/8/16 (e.g. stage1, stage2, stage4).
+    _C.MODEL.METASPIKE.STAGE4_STRIDE = 2
+    # Features the bottom-up backbone returns (subset of stem/stage1/stage2/stage3/stage4;
+    # strides 2/4/8/16/16*STAGE4_STRIDE). FPN backbones read MODEL.FPN.IN_FEATURES from these.
+    _C.MODEL.METASPIKE.OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
+    # One switch for the whole detector after the backbone:
+    #   True  -> spiking FPN keeping T (LIF before every lateral/output conv) and spiking heads
+    #            (registered names MetaSpike*), logits averaged over T;
+    #   False -> the backbone features are averaged over T, then Detectron2's stock FPN and heads.
+    _C.MODEL.METASPIKE.SPIKING_HEADS = True
+    # Neurons of the spiking neck and heads (the backbone keeps the paper's values).
+    _C.MODEL.METASPIKE.NEURON = CN()
+    # Firing threshold V_th (at T=1 a neuron fires iff its input >= 2 * V_th).
+    _C.MODEL.METASPIKE.NEURON.V_THRESHOLD = 1.0
+    # Membrane time constant tau (> 1).
+    _C.MODEL.METASPIKE.NEURON.TAU = 2.0
+    # Steepness alpha of the sigmoid surrogate gradient.
+    _C.MODEL.METASPIKE.NEURON.SURROGATE_ALPHA = 4.0
+
+    # ------------------------------------------------------------------------------------------
+    # Solver additions (used by metaspike_d2.d2.solver)
+    # ------------------------------------------------------------------------------------------
+    # "SGD" (Detectron2's default optimizer) or "ADAMW" (the original's); norms and biases never get
+    # weight decay with ADAMW (SOLVER.WEIGHT_DECAY_NORM / WEIGHT_DECAY_BIAS are ignored for it).
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # AdamW betas.
+    _C.SOLVER.BETAS = (0.9, 0.999)
+    # End value of "WarmupLinearLR" (a multiplier of BASE_LR reached at MAX_ITER), as the original's
+    # LinearLR(1 -> 0.01).
+    _C.SOLVER.LINEAR_END_FACTOR = 0.01
+
+    # ------------------------------------------------------------------------------------------
+    # Input additions (used by metaspike_d2.data.build_detection_augmentation)
+    # ------------------------------------------------------------------------------------------
+    # DETR-style "resize -> crop -> resize" training augmentation: when non-empty and
+    # INPUT.CROP.ENABLED, the image is first resized so its shorter side is one of these sizes
+    # (max INPUT.MAX_SIZE_TRAIN), then cropped with INPUT.CROP.TYPE/SIZE, then resized with
+    # INPUT.MIN_SIZE_TRAIN. Empty keeps Detectron2's behaviour (crop first, then resize).
+    _C.INPUT.CROP.PRE_RESIZE_MIN_SIZE = []
+
+    # --- semantic segmentation ---------------------------------------------------------------
+    # (metaspike_d2.d2.sem_seg, metaspike_d2.data.sem_seg_augmentation, WarmupPolyLR in the solver)
+    # ------------------------------------------------------------------------------------------
+    _C.MODEL.METASPIKE.SEM_SEG = CN()
+    # How T reaches the neck of build_metaspike_sem_seg_fpn_backbone (it replaces SPIKING_HEADS there):
+    # "mean": every backbone stage is averaged over T, then neck and head run one time step (the
+    # original's decode_mode 'snn'); "spiking": (T, B, C, H, W) is kept through neck and head, and the
+    # logits are averaged over T.
+    _C.MODEL.METASPIKE.SEM_SEG.TIME_MODE = "mean"
+    # Dropout2d before the classifier of SpikeSemSegFPNHead (the original: 0.1).
+    _C.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
+    # Learning-rate multipliers as [[substring, factor], ...]: a parameter whose full name contains the
+    # substring gets BASE_LR * factor (the first match wins), like mmseg's paramwise custom_keys; e.g.
+    # [["sem_seg_head.", 2.0], ["backbone.lateral_convs.", 2.0]]. Used by the ADAMW optimizer.
+    _C.SOLVER.LR_MULTIPLIERS = []
+    # "WarmupPolyLR" schedule (Detectron2's DeepLab project): lr = BASE_LR * (1 - iter / MAX_ITER) ** POWER
+    # after the warm-up, held at POLY_LR_CONSTANT_ENDING * BASE_LR once it falls below that.
+    _C.SOLVER.POLY_LR_POWER = 0.9
+    _C.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+    # Semantic-segmentation training crop: at most this fraction of the crop may be a single category
+    # (mmseg's cat_max_ratio; 1.0 disables the check). Used by RandomCrop_CategoryAreaConstraint.
+    _C.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Photometric distortion (brightness, contrast, saturation, hue; mmseg's PhotoMetricDistortion).
+    _C.INPUT.COLOR_AUG_SSD = False

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Train or evaluate metaspike-d2 detectors (and semantic segmentation) with Detectron2.
+
+    python tools/train_net.py --config-file configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file CFG --resume            # continue from OUTPUT_DIR/last_checkpoint
+    python tools/train_net.py --config-file CFG --num-gpus 8        # multi-GPU through detectron2's launch
+
+CPU: add ``MODEL.DEVICE cpu`` (the quickstart config sets it).
+"""
+import logging
+import os
+import sys
+import weakref
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator, verify_results  # noqa: E402
+
+from metaspike_d2.d2 import (  # noqa: E402
+    MetaSpikeCheckpointer,
+    add_metaspike_config,
+    build_lr_scheduler,
+    build_optimizer,
+)
+from metaspike_d2.data import build_detection_augmentation  # noqa: E402
+from metaspike_d2.data.sem_seg_augmentation import build_sem_seg_augmentation  # noqa: E402
+
+
+def _has_d2_c_ops() -> bool:
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with AdamW / linear schedules, the DETR-style crop, safe checkpoints and
+    evaluators chosen by the dataset's ``evaluator_type`` ("coco" or "sem_seg")."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # DefaultTrainer's checkpointer, with weights_only loading and backbone-file initialization
+        # (metaspike_d2/d2/checkpoint.py); the periodic-checkpoint hook is pointed at it too.
+        self.checkpointer = MetaSpikeCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        evaluators = []
+        if evaluator_type == "coco":
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=_has_d2_c_ops()))
+        elif evaluator_type == "sem_seg":
+            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+        else:
+            raise NotImplementedError(f"no evaluator for dataset {dataset_name} with type {evaluator_type!r}")
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":  # resize -> category-area crop -> color -> flip
+            augmentations = build_sem_seg_augmentation(cfg)
+        else:
+            augmentations = build_detection_augmentation(cfg, True)
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=augmentations)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        MetaSpikeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command line arguments: %s", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
