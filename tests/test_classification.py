@@ -255,3 +255,22 @@ def test_export_loads_through_detectron2_model_weights(trained, tmp_path):
     assert any(not torch.equal(before[k], trained_sd[k]) for k in before)  # the load changed the weights
     for key, value in model.backbone.state_dict().items():
         torch.testing.assert_close(value, trained_sd[key], msg=key)
+
+
+@pytest.mark.parametrize("variant", ["15m", "31m", "55m"])
+def test_recipe_configs_match_the_original(variant, tmp_path):
+    configs = ROOT / "classification" / "configs"
+    t1 = train.parse_args(["--config", str(configs / f"{variant}_t1.yaml")])
+    assert (t1.model, t1.time_steps, t1.kd, t1.opt) == (f"metaspikeformer_{variant}", 1, False, "lambc")
+    assert t1.blr * t1.batch_size * 8 / 256 == pytest.approx(2.4e-3)  # 8 GPUs x 128
+    assert (t1.epochs, t1.warmup_epochs, t1.weight_decay, t1.smoothing, t1.mixup, t1.cutmix) == (200, 10, 0.05, 0.1, 0, 0)
+    kd = train.parse_args(["--config", str(configs / f"{variant}_t4_kd.yaml"), "--epochs", "7"])
+    assert (kd.time_steps, kd.kd, kd.distillation_type, kd.distillation_alpha) == (4, True, "hard", 0.5)
+    assert kd.teacher_model == "caformer_b36.sail_in22k_ft_in1k" and kd.finetune.endswith(f"{variant}_t1/checkpoint-last.pth")
+    assert kd.blr * kd.batch_size * 8 / 256 == pytest.approx(1.5e-5)  # 8 GPUs x 24
+    assert kd.epochs == 7  # the command line overrides the config
+    assert timm.is_model(kd.model)  # the name is registered
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle: x\n")
+    with pytest.raises(SystemExit, match="unknown keys"):
+        train.parse_args(["--config", str(bad)])
