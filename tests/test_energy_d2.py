@@ -106,16 +106,17 @@ def test_firing_rate_hook_logs_stage_means_every_period():
 
 
 def test_hook_is_built_from_config_and_placed_before_the_writers():
-    from detectron2.config import CfgNode as CN
     from detectron2.config import get_cfg
     from detectron2.engine import hooks as d2_hooks
 
     from metaspike_d2.d2.energy_hook import FiringRateHook, build_firing_rate_hook, register_firing_rate_hook
 
+    from metaspike_d2.d2 import add_metaspike_config
+
     cfg = get_cfg()
     assert build_firing_rate_hook(cfg) is None  # no MODEL.METASPIKE node: off
-    cfg.MODEL.METASPIKE = CN()
-    cfg.MODEL.METASPIKE.FIRING_RATE_PERIOD = 0
+    add_metaspike_config(cfg)
+    assert cfg.MODEL.METASPIKE.FIRING_RATE_PERIOD == 0  # the key exists and is off by default
     assert build_firing_rate_hook(cfg) is None
 
     class FakeTrainer:

@@ -27,6 +27,7 @@ from metaspike_d2.d2 import (  # noqa: E402
     build_lr_scheduler,
     build_optimizer,
 )
+from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation  # noqa: E402
 from metaspike_d2.data.sem_seg_augmentation import build_sem_seg_augmentation  # noqa: E402
 
@@ -104,6 +105,7 @@ def main(args):
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
+    register_firing_rate_hook(trainer, cfg)  # MODEL.METASPIKE.FIRING_RATE_PERIOD > 0 (docs/energy.md)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

@@ -92,3 +92,11 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # Photometric distortion (brightness, contrast, saturation, hue; mmseg's PhotoMetricDistortion).
     _C.INPUT.COLOR_AUG_SSD = False
+
+    # ---- Firing-rate logging (issue 6; metaspike_d2/d2/energy_hook.py, docs/energy.md) ----------
+    # Every this many training iterations, FiringRateHook records that iteration's spikes and puts the
+    # mean firing rate of each stage's neurons (stem, stage1..4, neck, proposal_generator, roi_heads,
+    # sem_seg_head, ...) into the event storage as "firing_rate/<stage>" (TensorBoard, metrics.json).
+    # 0 disables it.
+    _C.MODEL.METASPIKE.FIRING_RATE_PERIOD = 0
+    # ---- end of firing-rate logging --------------------------------------------------------------
