@@ -10,6 +10,7 @@ from .backbone import FEATURE_NAMES, VARIANTS, MetaSpikeFormer  # noqa: E402
 from .checkpoint import load_checkpoint_file, load_state_dict_strict  # noqa: E402
 from .classifier import MetaSpikeFormerClassifier  # noqa: E402
 from .neurons import MultiStepLIF, mean_over_time, repeat_over_time, seq_apply  # noqa: E402
+from .reparam import reparameterize  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -22,5 +23,6 @@ __all__ = [
     "load_state_dict_strict",
     "mean_over_time",
     "repeat_over_time",
+    "reparameterize",
     "seq_apply",
 ]

@@ -8,6 +8,7 @@ hidden from DDP or ``torch.compile``). This fixes the original's scattered ``res
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -15,7 +16,7 @@ from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
-__all__ = ["MultiStepLIF", "seq_apply", "repeat_over_time", "mean_over_time"]
+__all__ = ["MultiStepLIF", "lif_inference_cpu", "seq_apply", "repeat_over_time", "mean_over_time"]
 
 
 class MultiStepLIF(neuron.LIFNode):
@@ -44,9 +45,16 @@ class MultiStepLIF(neuron.LIFNode):
             step_mode="m",
         )
 
+    #: Use :func:`lif_inference_cpu` on the CPU when no gradient is needed (bit-identical spikes, no
+    #: surrogate bookkeeping). Set to False to time spikingjelly's CPU path (benchmarks/run.py does).
+    cpu_inference_kernel: bool = True
+
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if x_seq.dim() < 2:
             raise ValueError(f"MultiStepLIF expects a (T, B, ...) tensor, got shape {tuple(x_seq.shape)}")
+        if (self.cpu_inference_kernel and x_seq.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x_seq.requires_grad)):
+            return lif_inference_cpu(x_seq, self.tau, self.v_threshold)
         v0 = torch.zeros(x_seq.shape[1:], dtype=torch.float32, device=x_seq.device)
         spikes, _, _ = sj_functional.lif_multi_step(
             x_seq,
@@ -62,6 +70,33 @@ class MultiStepLIF(neuron.LIFNode):
 
     def extra_repr(self) -> str:
         return f"v_threshold={self.v_threshold}, tau={self.tau}, surrogate={self.surrogate_function}"
+
+
+def lif_inference_cpu(x_seq: torch.Tensor, tau: float, v_threshold: float) -> torch.Tensor:
+    """Forward-only multi-step LIF (zero initial membrane, hard reset to 0, ``decay_input=True``).
+
+    Performs the same float operations as spikingjelly's CPU forward, so spikes are bit-identical, but
+    without its bookkeeping (no saved charge sequence, no stacking, no zero membrane to allocate). At T=1
+    the membrane starts at 0, so ``H = X / tau`` and the neuron is the closed form ``X / tau >= V_th``
+    (for tau a power of two, ``X >= tau * V_th``: division by it is exact).
+    """
+    tau = float(tau)
+    if x_seq.shape[0] == 1:
+        mantissa, _ = math.frexp(tau)
+        if mantissa == 0.5 and math.isfinite(tau * v_threshold):
+            return x_seq.ge(tau * v_threshold).to(x_seq.dtype)
+        return x_seq.div(tau).ge_(v_threshold).to(x_seq.dtype)
+    out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+    v = None
+    for t in range(x_seq.shape[0]):
+        if v is None:
+            h = x_seq[t].div(tau)  # 0 + (x - 0) / tau
+        else:
+            h = x_seq[t].sub(v).div_(tau).add_(v)  # v + (x - v) / tau
+        spike = h.ge(v_threshold)
+        out[t] = spike
+        v = h.masked_fill_(spike, 0.0)  # hard reset: v = 0 * s + (1 - s) * h
+    return out
 
 
 def seq_apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
