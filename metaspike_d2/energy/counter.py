@@ -37,7 +37,7 @@ the dense ops need the module's kernel and output shape, so weight layers get pl
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch

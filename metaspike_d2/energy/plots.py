@@ -1,7 +1,7 @@
 """PNG plots: input firing rate per layer (bars coloured by stage) and per-stage spike maps over an image."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 import torch
