@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -13,6 +14,8 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 __all__ = ["train_one_epoch", "evaluate", "is_main_process", "all_reduce_sum"]
+
+logger = logging.getLogger(__name__)
 
 
 def is_main_process() -> bool:
@@ -35,11 +38,12 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
     model.train()
     updates_per_epoch = math.ceil(len(loader) / accum_iter)
     num_updates = epoch * updates_per_epoch
-    loss_sum, n_seen, start = 0.0, 0, time.time()
+    loss_sum, n_seen, bad_steps, start = 0.0, 0, 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True,
                file=sys.stderr, mininterval=1.0)
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
+    grad_norm = float("nan")
     for step, (images, targets) in enumerate(bar):
         if max_steps is not None and step >= max_steps:
             break
@@ -61,9 +65,18 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
                 raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}; stopping")
             scaler.scale(loss / accum_iter).backward()
         if last_micro:
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.unscale_(optimizer)
+            # the total norm is also a health check: a non-finite norm without a GradScaler (bf16 / fp32) means
+            # the step is lost (timm's LAMB zeroes the gradients when its global norm overflows)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads).item()
+            if clip_grad and math.isfinite(grad_norm):  # (clipping by a non-finite norm would write NaNs)
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip_grad, grad_norm)
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                bad_steps += 1
+                if bad_steps == 1:
+                    logger.warning("epoch %d step %d: gradient norm %s; steps like this do not train the model "
+                                   "(classification/README.md, 'Silent attention')", epoch, step, grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -77,14 +90,16 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
         loss_sum += loss_value * bs
         n_seen += bs
         elapsed = time.time() - start
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{n_seen / max(elapsed, 1e-9):.1f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{n_seen / max(elapsed, 1e-9):.1f}",
+                        gnorm=f"{grad_norm:.2g}")
         if writer is not None and step % log_every == 0:
             writer.add_scalar("train/loss_step", loss_value, epoch * len(loader) + step)
     bar.close()
-    total_loss, total_n = all_reduce_sum([loss_sum, n_seen], device)
+    total_loss, total_n, bad_steps = all_reduce_sum([loss_sum, n_seen, bad_steps], device)
     elapsed = time.time() - start
     return {"train_loss": total_loss / max(total_n, 1), "lr": lr, "train_images": int(total_n),
-            "train_img_per_s": total_n / max(elapsed, 1e-9), "train_time_s": elapsed}
+            "train_img_per_s": total_n / max(elapsed, 1e-9), "train_time_s": elapsed,
+            "nonfinite_grad_steps": int(bad_steps)}
 
 
 @torch.no_grad()

@@ -63,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd", action="store_true", help="add the distillation head head_kd (train: (head, head_kd); eval: mean)")
     g.add_argument("--head-input", default="spikes", choices=["spikes", "membrane"],
                    help="main head on spikes (released code) or pre-LIF membrane (before d95ad13; spec 4.6)")
+    g.add_argument("--num-heads", type=int, default=8,
+                   help="SDSA heads (the original's 8); changes no weight shape, so use the same value downstream")
     g.add_argument("--drop-path", type=float, default=0.0, help="drop-path rate (the original's 0.1 never reached the model)")
     g.add_argument("--finetune", default="", help="initialise from this checkpoint's weights (e.g. the T=1 run); "
                    "only head_kd may be missing (it starts from its init, as in the original)")
@@ -207,7 +209,7 @@ def load_finetune_weights(model, path: str) -> None:
 
 def build_model(args, num_classes: int, kd: bool):
     model = timm.create_model(args.model, num_classes=num_classes, T=args.time_steps, kd=kd,
-                              drop_path_rate=args.drop_path, head_input=args.head_input)
+                              drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads)
     return model
 
 

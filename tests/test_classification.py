@@ -72,6 +72,7 @@ def test_train_and_eval_one_epoch(trained, synth_dir):
     for key in ("train_loss", "val_top1", "val_top5", "lr"):
         assert isinstance(rec[key], float) and rec[key] == rec[key]
     assert rec["train_images"] == 20 and rec["val_images"] == 10
+    assert rec["nonfinite_grad_steps"] in (0, 1, 2)  # 2 optimizer steps, each checked
     assert 0 <= rec["val_top1"] <= rec["val_top5"] <= 100
     assert rec["lr"] > 0
     assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
