@@ -24,6 +24,8 @@ __all__ = [
     "TransformerBlock",
     "Downsample",
     "DropPath",
+    "SyncBNAndPad",
+    "convert_sync_batchnorm",
 ]
 
 
@@ -55,6 +57,29 @@ class BNAndPad(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pad={self.pad}"
+
+
+class SyncBNAndPad(BNAndPad, nn.SyncBatchNorm):
+    """:class:`BNAndPad` whose batch statistics are synchronized across processes (multi-GPU training).
+
+    Method resolution puts ``SyncBatchNorm.forward`` under ``BNAndPad.forward``, so the padding is kept
+    and ``isinstance(m, BNAndPad)`` still holds (re-parameterization and energy accounting rely on it).
+    """
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Every BatchNorm -> SyncBatchNorm, keeping :class:`BNAndPad`'s padding (torch's own converter would
+    turn it into a plain SyncBatchNorm and silently drop the border). Weights and statistics are kept."""
+    if isinstance(module, BNAndPad) and not isinstance(module, SyncBNAndPad):
+        new = SyncBNAndPad(module.num_features, pad=module.pad)
+        new.eps, new.momentum, new.process_group = module.eps, module.momentum, process_group
+        new.load_state_dict(module.state_dict())
+        return new.train(module.training).to(module.weight.device)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module
 
 
 class RepConv(nn.Module):
