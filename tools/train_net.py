@@ -13,6 +13,8 @@ import os
 import sys
 import weakref
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import detectron2.utils.comm as comm  # noqa: E402
@@ -92,6 +94,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    if cfg.CPU_THREADS > 0:
+        torch.set_num_threads(cfg.CPU_THREADS)
     return cfg
 
 

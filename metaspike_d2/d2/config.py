@@ -47,6 +47,10 @@ def add_metaspike_config(cfg: CN) -> None:
     # Steepness alpha of the sigmoid surrogate gradient.
     _C.MODEL.METASPIKE.NEURON.SURROGATE_ALPHA = 4.0
 
+    # torch intra-op threads for CPU runs (applied by tools/train_net.py and tools/demo.py); 0 keeps
+    # torch's default. 1 avoids OpenMP oversubscription on small, busy machines (the CPU quickstart).
+    _C.CPU_THREADS = 0
+
     # ------------------------------------------------------------------------------------------
     # Solver additions (used by metaspike_d2.d2.solver)
     # ------------------------------------------------------------------------------------------

@@ -74,8 +74,11 @@ class VisualizationDemo:
                 break
             predictions = self.predictor(frame)
             rgb = frame[:, :, ::-1]
-            if "instances" in predictions and "sem_seg" not in predictions and "panoptic_seg" not in predictions:
+            if "panoptic_seg" in predictions:
+                panoptic_seg, segments_info = predictions["panoptic_seg"]
+                vis = video_visualizer.draw_panoptic_seg_predictions(rgb, panoptic_seg.to(self.cpu_device), segments_info)
+            elif "instances" in predictions:
                 vis = video_visualizer.draw_instance_predictions(rgb, predictions["instances"].to(self.cpu_device))
             else:
-                vis = self._draw(Visualizer(rgb, self.metadata, instance_mode=self.instance_mode), predictions)
+                vis = video_visualizer.draw_sem_seg(rgb, predictions["sem_seg"].argmax(dim=0).to(self.cpu_device))
             yield cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)

@@ -1,0 +1,101 @@
+"""One training step and one inference for every detector family; every config in configs/ builds."""
+import glob
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from metaspike_d2.d2 import add_metaspike_config, build_optimizer
+
+CONFIGS = sorted(glob.glob("configs/COCO-*/*.yaml") + glob.glob("configs/quickstart/mask_rcnn_*.yaml")
+                 + ["configs/Base-MetaSpike-RCNN-FPN.yaml"])
+TINY = ["MODEL.METASPIKE.VARIANT", "tiny", "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.DEVICE", "cpu",
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 16, "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
+        "MODEL.ROI_MASK_HEAD.NUM_CONV", 1, "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.RETINANET.NUM_CLASSES", 3,
+        "MODEL.RETINANET.NUM_CONVS", 1, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50, "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16, "MODEL.ROI_BOX_HEAD.NORM", "BN", "SOLVER.OPTIMIZER", "ADAMW"]
+
+
+def make_cfg(config, *opts):
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list([*TINY, *opts])
+    return cfg
+
+
+def test_configs_found():
+    names = {c.split("/")[-1] for c in CONFIGS}
+    assert {"mask_rcnn_metaspike_15m_FPN_T1.yaml", "mask_rcnn_metaspike_15m_FPN_T4.yaml",
+            "mask_rcnn_metaspike_55m_FPN_T1.yaml", "mask_rcnn_metaspike_55m_FPN_T4.yaml",
+            "retinanet_metaspike_15m_FPN_T1.yaml", "cascade_mask_rcnn_metaspike_15m_FPN_T1.yaml",
+            "mask_rcnn_metaspike_tiny_shapes.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_builds(config):
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params > 5e5
+    if "coco" in cfg.DATASETS.TRAIN[0] and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
+        assert model.backbone.bottom_up.time_steps == cfg.MODEL.METASPIKE.T
+
+
+def _images(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    from detectron2.structures import BitMasks, Boxes, Instances
+    batch = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 36.0], [20.0, 24.0, 60.0, 62.0]]))
+        inst.gt_classes = torch.tensor([0, 2])
+        masks = torch.zeros(2, size, size, dtype=torch.bool)
+        masks[0, 8:36, 8:40] = True
+        masks[1, 24:62, 20:60] = True
+        inst.gt_masks = BitMasks(masks)
+        batch.append({"image": torch.randint(0, 256, (3, size, size), generator=g).float(),
+                      "instances": inst, "height": size, "width": size})
+    return batch
+
+
+@pytest.mark.parametrize("config,opts", [
+    ("configs/COCO-InstanceSegmentation/mask_rcnn_metaspike_15m_FPN_T1.yaml", []),
+    ("configs/COCO-InstanceSegmentation/mask_rcnn_metaspike_15m_FPN_T4.yaml", ["MODEL.METASPIKE.T", 2,
+                                                                                "SOLVER.AMP.ENABLED", False]),
+    ("configs/COCO-InstanceSegmentation/mask_rcnn_metaspike_15m_FPN_T1.yaml", ["MODEL.METASPIKE.SPIKING_HEADS", False]),
+    ("configs/COCO-Detection/retinanet_metaspike_15m_FPN_T1.yaml", []),
+    ("configs/COCO-InstanceSegmentation/cascade_mask_rcnn_metaspike_15m_FPN_T1.yaml", []),
+], ids=["mask_rcnn_T1", "mask_rcnn_T2", "mask_rcnn_stock_heads", "retinanet", "cascade"])
+def test_train_step_and_inference(config, opts):
+    cfg = make_cfg(config, *opts)
+    model = build_model(cfg)
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    with EventStorage():
+        losses = model(_images())
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    expected = {"loss_cls", "loss_box_reg"} if "retinanet" in config else {"loss_rpn_cls", "loss_rpn_loc", "loss_mask"}
+    assert expected <= {k.rsplit("_stage", 1)[0] for k in losses}
+    optimizer.zero_grad()
+    loss.backward()
+    stem = model.backbone.bottom_up.stem.downsample.conv.weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0  # gradients reach the encoding layer
+    before = stem.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, stem.detach())
+
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": im["image"], "height": 64, "width": 64} for im in _images()])
+    assert len(out) == 2
+    inst = out[0]["instances"]
+    assert {"pred_boxes", "scores", "pred_classes"} <= set(inst.get_fields())
+    if cfg.MODEL.MASK_ON and len(inst):
+        assert inst.pred_masks.shape[-2:] == (64, 64)
