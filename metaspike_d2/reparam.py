@@ -20,6 +20,10 @@ Detectron2 detection/segmentation models), and leaves every other module untouch
     (``9C^2`` instead of ``2C^2 + 9C`` per pixel for a RepConv; ``98C^2`` instead of ``4C^2 + 98C`` for a
     SepConv tail of width ``2C -> C``).
 
+Outside the blocks, BNs that follow a conv in a way that can be seen from the module tree are folded
+too: ``detectron2.layers.Conv2d(..., norm=BN)`` (its ``norm`` becomes ``None``) and ``conv, BN`` pairs
+inside an ``nn.Sequential``; this covers the Detectron2 necks and heads of :mod:`metaspike_d2.d2`.
+
 Folding is done in float64 and cast back to the parameters' dtype. Only BNs in eval form (running
 statistics) can be folded, which is why the copy is returned in eval mode; calling ``.train()`` on it
 is pointless (there is nothing left to normalise) and it is meant for inference only.
@@ -81,15 +85,46 @@ def reparameterize(model: nn.Module, mode: str = "fast", inplace: bool = False) 
             elif isinstance(module, Downsample):
                 module.conv = fold_conv_bn(module.conv, module.bn)
                 module.bn = nn.Identity()
+            elif _is_d2_conv_with_bn(module):
+                # detectron2.layers.Conv2d(..., norm=BN) in the necks/heads: fold, then drop the norm.
+                folded = fold_conv_bn(module, module.norm)
+                module.weight.data = folded.weight.data
+                module.bias = folded.bias
+                module.norm = None
+            elif isinstance(module, nn.Sequential):
+                # ``Sequential(conv, BN, ...)`` (e.g. the spiking RetinaNet subnets): fold each pair.
+                children = list(module._modules.items())
+                for (_, conv), (bn_key, bn) in zip(children, children[1:]):
+                    if type(conv) is nn.Conv2d and _is_bn(bn):
+                        key = next(k for k, v in module._modules.items() if v is conv)
+                        module._modules[key] = fold_conv_bn(conv, bn)
+                        module._modules[bn_key] = nn.Identity()
     return out
+
+
+def _is_d2_conv_with_bn(module: nn.Module) -> bool:
+    """``detectron2.layers.Conv2d`` (recognised without importing Detectron2) whose ``norm`` is a BN."""
+    norm = getattr(module, "norm", None)
+    return (isinstance(module, nn.Conv2d) and type(module).__module__.startswith("detectron2.")
+            and norm is not None and _is_bn(norm))
 
 
 # --------------------------------------------------------------------------------------------------
 # Folding primitives (float64, then back to the parameters' dtype)
 # --------------------------------------------------------------------------------------------------
+def _is_bn(module: nn.Module) -> bool:
+    """A torch BatchNorm (incl. SyncBatchNorm and Detectron2's NaiveSyncBatchNorm) or a frozen BN with the
+    same buffers (Detectron2's ``FrozenBatchNorm2d``; matched by name so that the core needs no
+    Detectron2 import)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return type(module).__name__ == "FrozenBatchNorm2d" and all(
+        hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
+
+
 def _bn_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BN as ``y = scale * x + shift`` per channel (float64)."""
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    if not _is_bn(bn):
         raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
