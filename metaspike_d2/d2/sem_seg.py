@@ -90,10 +90,12 @@ class SpikeFPNSemSeg(Backbone):
         bottom_up: a Detectron2 backbone whose features are ``(T, B, C, H, W)`` or ``(B, C, H, W)``.
         in_features: bottom-up features fed to the neck, any order (sorted by stride here).
         out_channels: neck width.
+        norm: normalization after each neck conv (Detectron2 name, e.g. "BN"); "" (the original) gives
+            biased convs without normalization.
         lif_factory: builds the neck's neurons.
     """
 
-    def __init__(self, bottom_up: Backbone, in_features: Sequence[str], out_channels: int,
+    def __init__(self, bottom_up: Backbone, in_features: Sequence[str], out_channels: int, norm: str = "",
                  lif_factory: Callable[[], nn.Module] = MultiStepLIF):
         super().__init__()
         shapes = bottom_up.output_shape()
@@ -107,9 +109,9 @@ class SpikeFPNSemSeg(Backbone):
         if len(set(strides)) != len(strides):
             raise ValueError(f"the neck needs one feature per stride, got strides {strides} for {self.in_features}")
         self.lateral_convs = nn.ModuleList(
-            SpikeConv(shapes[f].channels, out_channels, 1, lif_factory=lif_factory) for f in self.in_features)
+            SpikeConv(shapes[f].channels, out_channels, 1, norm, lif_factory) for f in self.in_features)
         self.output_convs = nn.ModuleList(
-            SpikeConv(out_channels, out_channels, 3, lif_factory=lif_factory) for _ in self.in_features)
+            SpikeConv(out_channels, out_channels, 3, norm, lif_factory) for _ in self.in_features)
         for m in [*self.lateral_convs, *self.output_convs]:
             weight_init.c2_xavier_fill(m.conv)
 
@@ -241,7 +243,7 @@ class SpikeSemSegFPNHead(nn.Module):
 
 @BACKBONE_REGISTRY.register()
 def build_metaspike_sem_seg_fpn_backbone(cfg, input_shape: ShapeSpec) -> SpikeFPNSemSeg:
-    """Meta-SpikeFormer (``MODEL.METASPIKE``) + spiking FPN neck (``MODEL.FPN.{IN_FEATURES, OUT_CHANNELS}``).
+    """Meta-SpikeFormer (``MODEL.METASPIKE``) + spiking FPN neck (``MODEL.FPN.{IN_FEATURES, OUT_CHANNELS, NORM}``).
 
     ``MODEL.METASPIKE.SEM_SEG.TIME_MODE`` sets how T reaches the neck: ``"mean"`` averages every stage
     over T first (the original); ``"spiking"`` keeps ``(T, B, C, H, W)`` through neck and head. It takes
@@ -252,5 +254,5 @@ def build_metaspike_sem_seg_fpn_backbone(cfg, input_shape: ShapeSpec) -> SpikeFP
         raise ValueError(f"MODEL.METASPIKE.SEM_SEG.TIME_MODE must be one of {TIME_MODES}, got {time_mode!r}")
     bottom_up = build_metaspike_backbone(cfg, input_shape)
     bottom_up.average_time = time_mode == "mean"
-    return SpikeFPNSemSeg(bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS,
+    return SpikeFPNSemSeg(bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM,
                           lif_factory=lambda: build_lif(cfg))
