@@ -123,3 +123,20 @@ def test_missing_coco_names_expected_paths(tmp_path):
         DatasetCatalog.get(name)
     assert str(json_file) in str(e.value) and str(image_root) in str(e.value) and "DETECTRON2_DATASETS" in str(e.value)
     assert getattr(DatasetCatalog["coco_2017_val"], "path_checked", False)  # detectron2's builtin names too
+
+
+def test_detr_style_augmentation_chain():
+    from detectron2.config import get_cfg
+    from detectron2.data import transforms as T
+    from metaspike_d2.d2 import add_metaspike_config
+    from metaspike_d2.data import build_detection_augmentation
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file("configs/Base-MetaSpike-RCNN-FPN.yaml")
+    augs = build_detection_augmentation(cfg, is_train=True)
+    assert [type(a) for a in augs] == [T.RandomFlip, T.ResizeShortestEdge, T.RandomCrop, T.ResizeShortestEdge]
+    assert list(augs[1].short_edge_length) == [400, 500, 600] and augs[2].crop_size == [384, 600]
+    image = np.zeros((480, 640, 3), np.uint8)
+    out = T.AugmentationList(augs)(T.AugInput(image))
+    assert out is not None
+    assert [type(a) for a in build_detection_augmentation(cfg, is_train=False)] == [T.ResizeShortestEdge]
