@@ -1,0 +1,250 @@
+"""Speed benchmarks of issue 8, in one run, with ratios against baselines measured in the same run.
+
+    python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train]
+                             [--threads 2] [--reps 3] [--size 224] [--det-size 512]
+
+Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
+
+``backbone``  Meta-SpikeFormer 15M and 55M at ``--size``, T=1 and T=4, in four forms:
+              ``train/sj``  the training form, neurons on spikingjelly's CPU path (the baseline);
+              ``train``     the training form with the forward-only CPU LIF (``MultiStepLIF`` default);
+              ``fast``      ``reparameterize(model, "fast")`` (+ the CPU LIF): the inference fast path;
+              ``spike``     ``reparameterize(model, "spike")``: every conv on spikes (more MACs).
+``maskrcnn``  Mask R-CNN inference on a ``--det-size`` image: the 15M spiking Mask R-CNN
+              (configs/COCO-InstanceSegmentation/mask_rcnn_metaspike_15m_FPN_T{1,4}.yaml) in training
+              form and fast path vs Detectron2's R50-FPN Mask R-CNN (model-zoo config
+              ``mask_rcnn_R_50_FPN_3x``), all built without weights.
+``train``     one training step (forward with losses, backward, SGD step) of the same Mask R-CNNs on
+              one ``--det-size`` image with 3 random boxes and masks.
+
+Each case: one warm-up, then ``--reps`` repetitions, interleaved round-robin with the cases it is
+compared to. Reported: median wall time, median process CPU time, peak resident-memory increase
+(see benchmarks/backbone.py). Ratios use medians of the same run. Not a test: nothing is asserted.
+The table is printed and everything is written as JSON to ``--output``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backbone import forward_fn, machine_info, measure_interleaved  # noqa: E402
+
+from metaspike_d2 import MetaSpikeFormer, MultiStepLIF, reparameterize  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def with_spikingjelly_lif(fn):
+    """Run ``fn`` with every MultiStepLIF on spikingjelly's CPU path (the pre-issue-8 behaviour)."""
+    def run():
+        MultiStepLIF.cpu_inference_kernel = False
+        try:
+            return fn()
+        finally:
+            MultiStepLIF.cpu_inference_kernel = True
+    return run
+
+
+def _row(part, name, res, **extra):
+    return {"part": part, "case": name, **extra, **res}
+
+
+# --------------------------------------------------------------------------------------------------
+def bench_backbone(args, rows):
+    x = torch.randn(1, 3, args.size, args.size)
+    for variant in args.variants:
+        for t in (1, 4):
+            torch.manual_seed(0)
+            model = MetaSpikeFormer(variant=variant, time_steps=t).eval()
+            cases = {
+                "train/sj": with_spikingjelly_lif(forward_fn(model, x)),
+                "train": forward_fn(model, x),
+                "fast": forward_fn(reparameterize(model, "fast"), x),
+                "spike": forward_fn(reparameterize(model, "spike"), x),
+            }
+            print(f"[backbone] {variant} T={t} ...", flush=True)
+            res = measure_interleaved(cases, reps=args.reps)
+            for name, r in res.items():
+                rows.append(_row("backbone", name, r, variant=variant, T=t, input=f"{args.size}x{args.size}"))
+            del model, cases
+            gc.collect()
+
+
+# --------------------------------------------------------------------------------------------------
+def _d2_cfg(path, extra=()):
+    from detectron2.config import get_cfg
+
+    import metaspike_d2.d2 as md2
+
+    cfg = get_cfg()
+    md2.add_metaspike_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *extra])
+    return cfg
+
+
+def _detectors():
+    """name -> cfg for the spiking 15M Mask R-CNN at T=1/T=4 and Detectron2's R50-FPN Mask R-CNN."""
+    from detectron2 import model_zoo
+
+    inst = os.path.join(ROOT, "configs", "COCO-InstanceSegmentation")
+    return {
+        "metaspike-15m T=1": _d2_cfg(os.path.join(inst, "mask_rcnn_metaspike_15m_FPN_T1.yaml")),
+        "metaspike-15m T=4": _d2_cfg(os.path.join(inst, "mask_rcnn_metaspike_15m_FPN_T4.yaml")),
+        "R50-FPN": _d2_cfg(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")),
+    }
+
+
+def _build(cfg):
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def bench_maskrcnn(args, rows):
+    size = args.det_size
+    image = torch.rand(3, size, size) * 255
+    inputs = [{"image": image, "height": size, "width": size}]
+    cases = {}
+    for name, cfg in _detectors().items():
+        model = _build(cfg).eval()
+        if name.startswith("metaspike"):
+            if name.endswith("T=1"):  # the training form once, to show what the fast path gains
+                cases[f"{name} train/sj"] = with_spikingjelly_lif(forward_fn(model, inputs))
+            cases[f"{name} fast"] = forward_fn(reparameterize(model, "fast"), inputs)
+        else:
+            cases[name] = forward_fn(model, inputs)
+    print(f"[maskrcnn] {list(cases)} ...", flush=True)
+    res = measure_interleaved(cases, reps=args.reps)
+    for name, r in res.items():
+        rows.append(_row("maskrcnn", name, r, input=f"{size}x{size}"))
+
+
+def _train_inputs(size):
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[40.0, 60.0, 200.0, 240.0], [250.0, 100.0, 420.0, 300.0], [100.0, 300.0, 380.0, 480.0]])
+    boxes = boxes * size / 512
+    masks = torch.zeros(3, size, size, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+        masks[i, y0:y1, x0:x1] = True
+    inst = Instances((size, size), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([1, 5, 17]),
+                     gt_masks=BitMasks(masks))
+    return [{"image": torch.rand(3, size, size, generator=g) * 255, "height": size, "width": size,
+             "instances": inst}]
+
+
+def bench_train(args, rows):
+    from detectron2.utils.events import EventStorage
+
+    batch = _train_inputs(args.det_size)
+    cases = {}
+    for name, cfg in _detectors().items():
+        model = _build(cfg).train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            with EventStorage(0):  # Detectron2's losses log into an event storage
+                losses = model(batch)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss)
+
+        cases[name] = step
+    print(f"[train] {list(cases)} ...", flush=True)
+    res = measure_interleaved(cases, reps=args.train_reps)
+    for name, r in res.items():
+        rows.append(_row("train", name, r, input=f"{args.det_size}x{args.det_size}"))
+
+
+# --------------------------------------------------------------------------------------------------
+def ratios(rows):
+    """Speed-ups of the same run: backbone vs train/sj, T=4 vs T=1, detectors vs R50-FPN."""
+    out = []
+    key = {(r["part"], r.get("variant"), r.get("T"), r["case"]): r for r in rows}
+    for r in rows:
+        if r["part"] == "backbone":
+            base = key.get(("backbone", r["variant"], r["T"], "train/sj"))
+            t1 = key.get(("backbone", r["variant"], 1, r["case"]))
+            out.append({"part": "backbone", "variant": r["variant"], "T": r["T"], "case": r["case"],
+                        "speedup_vs_train_sj_wall": base["median_s"] / r["median_s"],
+                        "speedup_vs_train_sj_cpu": base["median_cpu_s"] / r["median_cpu_s"],
+                        "T4_over_T1_wall": (r["median_s"] / t1["median_s"]) if r["T"] == 4 else None,
+                        "T4_over_T1_cpu": (r["median_cpu_s"] / t1["median_cpu_s"]) if r["T"] == 4 else None})
+        else:
+            base = key.get((r["part"], None, None, "R50-FPN"))
+            if base is not None:
+                out.append({"part": r["part"], "case": r["case"],
+                            "time_over_R50_wall": r["median_s"] / base["median_s"],
+                            "time_over_R50_cpu": r["median_cpu_s"] / base["median_cpu_s"]})
+    return out
+
+
+def print_table(rows, rats, info):
+    print(f"\n# {info['time_utc']} UTC, {info['torch_threads']} threads, torch {info['torch']}; {info['uptime']}")
+    rat = {(q["part"], q.get("variant"), q.get("T"), q["case"]): q for q in rats}
+    print(f"{'part':9} {'case':28} {'T':>2} {'wall ms':>9} {'cpu ms':>9} {'peak MiB':>8}  ratios (wall | cpu)")
+    for r in rows:
+        q = rat.get((r["part"], r.get("variant"), r.get("T"), r["case"]), {})
+        name = f"{r.get('variant', '')} {r['case']}".strip()
+        if r["part"] == "backbone":
+            note = f"x{q['speedup_vs_train_sj_wall']:.2f} | x{q['speedup_vs_train_sj_cpu']:.2f} vs train/sj"
+            if r["T"] == 4:
+                note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
+        elif q:
+            note = f"{q['time_over_R50_wall']:.2f} | {q['time_over_R50_cpu']:.2f} of R50-FPN time"
+        else:
+            note = ""
+        mem = r["peak_mem_mib"] if r["peak_mem_mib"] is not None else "-"
+        print(f"{r['part']:9} {name:28} {r.get('T', ''):>2} {r['median_s'] * 1e3:9.0f} "
+              f"{r['median_cpu_s'] * 1e3:9.0f} {mem:>8}  {note}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train"],
+                        choices=["backbone", "maskrcnn", "train"])
+    parser.add_argument("--variants", nargs="+", default=["15m", "55m"])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--det-size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--train-reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    rows = []
+    parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train}
+    for part in args.parts:
+        parts[part](args, rows)
+        gc.collect()
+    rats = ratios(rows)
+    print_table(rows, rats, info)
+    result = {"args": vars(args), "machine": info, "machine_after": machine_info(), "rows": rows, "ratios": rats}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
