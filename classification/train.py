@@ -122,6 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=50, help="also keep checkpoint-EPOCH.pth every N epochs")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--max-train-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
     g.add_argument("--max-eval-steps", type=int, default=None)
@@ -260,6 +261,8 @@ def _main(args) -> dict:
     if not args.eval and not 0 <= args.warmup_epochs < args.epochs:
         raise SystemExit(f"--warmup-epochs ({args.warmup_epochs}) must be >= 0 and smaller than --epochs ({args.epochs})")
     device = args.device_obj
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_seed(args.seed + args.rank)
     autocast_ctx, scaler = autocast_factory(args)
     eff_batch = args.batch_size * args.accum_iter * args.world_size
