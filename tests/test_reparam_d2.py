@@ -108,3 +108,24 @@ def test_exact_on_detectron2_models(path, opts):
                 assert err <= TOL, f"{os.path.basename(path)} {mode} T={t} {k}: {err}"
             _compare(ref, out)
             _compare_dense_head(model, mode, x)
+
+
+def test_config_key_applies_fast_mode_in_predictor():
+    import numpy as np
+
+    from metaspike_d2.d2.predictor import MetaSpikePredictor
+
+    path = os.path.join(ROOT, "configs", "quickstart", "semfpn_metaspike_tiny_shapes.yaml")
+    _, cfg = _build(path, 1)
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
+    assert cfg.MODEL.METASPIKE.REPARAM_INFERENCE == ""  # off by default
+    torch.manual_seed(0)
+    plain = MetaSpikePredictor(cfg)
+    cfg.MODEL.METASPIKE.REPARAM_INFERENCE = "fast"
+    torch.manual_seed(0)
+    fast = MetaSpikePredictor(cfg)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.model.modules())
+    image = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")
+    a, b = plain(image)["sem_seg"], fast(image)["sem_seg"]
+    assert (a - b).abs().max().item() <= TOL

@@ -29,6 +29,7 @@ from metaspike_d2.d2 import (  # noqa: E402
     build_lr_scheduler,
     build_optimizer,
 )
+from metaspike_d2.d2.config import maybe_reparameterize  # noqa: E402
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation  # noqa: E402
 from metaspike_d2.data.sem_seg_augmentation import build_sem_seg_augmentation  # noqa: E402
@@ -104,6 +105,7 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         MetaSpikeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        model = maybe_reparameterize(cfg, model)  # MODEL.METASPIKE.REPARAM_INFERENCE ("" = off)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -47,6 +47,13 @@ def add_metaspike_config(cfg: CN) -> None:
     # Steepness alpha of the sigmoid surrogate gradient.
     _C.MODEL.METASPIKE.NEURON.SURROGATE_ALPHA = 4.0
 
+    # Inference re-parameterization (metaspike_d2.reparameterize, docs/benchmarks.md), applied after the
+    # weights are loaded by MetaSpikePredictor (so tools/demo.py) and tools/train_net.py --eval-only,
+    # never in training: "" (off), "fast" (every BN folded into its conv, RepConv as 1x1 -> dw 3x3 -> 1x1;
+    # same outputs to ~1e-6, the fastest form) or "spike" (every conv driven by spikes, the form of the
+    # paper's energy accounting; more multiply-adds).
+    _C.MODEL.METASPIKE.REPARAM_INFERENCE = ""
+
     # torch intra-op threads for CPU runs (applied by tools/train_net.py and tools/demo.py); 0 keeps
     # torch's default. 1 avoids OpenMP oversubscription on small, busy machines (the CPU quickstart).
     _C.CPU_THREADS = 0
@@ -104,3 +111,14 @@ def add_metaspike_config(cfg: CN) -> None:
     # 0 disables it.
     _C.MODEL.METASPIKE.FIRING_RATE_PERIOD = 0
     # ---- end of firing-rate logging --------------------------------------------------------------
+
+
+def maybe_reparameterize(cfg, model):
+    """Apply ``MODEL.METASPIKE.REPARAM_INFERENCE`` ("" = off, "fast", "spike") to an inference model,
+    in place (eval mode); returns the model."""
+    mode = cfg.MODEL.METASPIKE.get("REPARAM_INFERENCE", "") if "METASPIKE" in cfg.MODEL else ""
+    if not mode:
+        return model
+    from ..reparam import reparameterize
+
+    return reparameterize(model, mode.lower(), inplace=True)

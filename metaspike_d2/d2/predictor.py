@@ -17,6 +17,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from .checkpoint import MetaSpikeCheckpointer
+from .config import maybe_reparameterize
 
 __all__ = ["MetaSpikePredictor", "VisualizationDemo"]
 
@@ -29,6 +30,7 @@ class MetaSpikePredictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         MetaSpikeCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.model = maybe_reparameterize(self.cfg, self.model)  # MODEL.METASPIKE.REPARAM_INFERENCE
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
