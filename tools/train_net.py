@@ -21,7 +21,7 @@ import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator, verify_results  # noqa: E402
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results  # noqa: E402
 
 from metaspike_d2.d2 import (  # noqa: E402
     MetaSpikeCheckpointer,
@@ -31,6 +31,7 @@ from metaspike_d2.d2 import (  # noqa: E402
 )
 from metaspike_d2.d2.config import maybe_reparameterize  # noqa: E402
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
+from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation  # noqa: E402
 from metaspike_d2.data.sem_seg_augmentation import build_sem_seg_augmentation  # noqa: E402
 
@@ -65,7 +66,7 @@ class Trainer(DefaultTrainer):
         if evaluator_type == "coco":
             evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=_has_d2_c_ops()))
         elif evaluator_type == "sem_seg":
-            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+            evaluators.append(build_sem_seg_evaluator(dataset_name, output_folder))
         else:
             raise NotImplementedError(f"no evaluator for dataset {dataset_name} with type {evaluator_type!r}")
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

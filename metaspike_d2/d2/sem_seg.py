@@ -21,13 +21,17 @@ import math
 from typing import Callable, Dict, Optional, Sequence
 
 import fvcore.nn.weight_init as weight_init
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.evaluation import SemSegEvaluator
 from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, Backbone
+from detectron2.utils.file_io import PathManager
 
 from ..neurons import MultiStepLIF, mean_over_time, seq_apply
 from .backbone import build_lif, build_metaspike_backbone
@@ -39,6 +43,8 @@ __all__ = [
     "SpikeFPNSemSeg",
     "SpikeSemSegFPNHead",
     "build_metaspike_sem_seg_fpn_backbone",
+    "build_sem_seg_evaluator",
+    "load_sem_seg_gt",
 ]
 
 #: How T reaches the neck (``MODEL.METASPIKE.SEM_SEG.TIME_MODE``): averaged first, or kept.
@@ -256,3 +262,15 @@ def build_metaspike_sem_seg_fpn_backbone(cfg, input_shape: ShapeSpec) -> SpikeFP
     bottom_up.average_time = time_mode == "mean"
     return SpikeFPNSemSeg(bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM,
                           lif_factory=lambda: build_lif(cfg))
+
+
+def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
+    """A label map as an array. ``SemSegEvaluator``'s default reader calls ``np.array(..., copy=False)``,
+    which NumPy 2 rejects for PIL images."""
+    with PathManager.open(filename, "rb") as f:
+        return np.asarray(Image.open(f), dtype=dtype)
+
+
+def build_sem_seg_evaluator(dataset_name: str, output_dir: Optional[str] = None) -> SemSegEvaluator:
+    """Detectron2's ``SemSegEvaluator`` (mIoU, fwIoU, mACC, pACC) with a NumPy-2-safe label reader."""
+    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir, sem_seg_loading_fn=load_sem_seg_gt)
