@@ -17,8 +17,8 @@ def make_cfg(*opts):
     cfg = get_cfg()
     add_metaspike_config(cfg)
     cfg.merge_from_file(QUICKSTART)
-    cfg.merge_from_list(["MODEL.FPN.OUT_CHANNELS", 16, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-                         "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, *opts])
+    cfg.merge_from_list(["MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
+                         "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 32, *opts])
     return cfg
 
 
@@ -78,7 +78,8 @@ def test_full_model_round_trip_and_eval_only(tmp_path):
     register_shapes_instances(name, "evalonly", ShapesSplit(3, (64, 64), seed=11), tmp_path / "ds")
     args = train_net.default_argument_parser().parse_args([
         "--config-file", QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-        "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+        "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32",
+        "MODEL.ROI_BOX_HEAD.CONV_DIM", "32",
         "DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path / "out")])
     results = train_net.main(args)
     assert {"bbox", "segm"} <= set(results) and "AP50" in results["bbox"]
@@ -91,7 +92,7 @@ def test_adamw_skips_weight_decay_on_norms_and_biases():
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or pname == "bias":
+            if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)) or pname == "bias":
                 assert decay[id(p)] == 0.0, f"{name}.{pname}"
             else:
                 assert decay[id(p)] == 0.05, f"{name}.{pname}"

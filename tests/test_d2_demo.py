@@ -12,7 +12,8 @@ from metaspike_d2.d2.predictor import VisualizationDemo
 from metaspike_d2.data.shapes import render_shapes_image
 
 QUICKSTART = "configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml"
-SMALL = ["MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16"]
+SMALL = ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32",
+         "MODEL.ROI_BOX_HEAD.CONV_DIM", "32"]
 
 
 def test_demo_writes_visualization(tmp_path):
