@@ -8,13 +8,19 @@
   checkpoints) given as ``MODEL.WEIGHTS`` initializes only the bottom-up backbone: every backbone key must
   be present (otherwise :class:`~metaspike_d2.checkpoint.CheckpointError`), classifier keys are dropped and
   reported, the neck and heads keep their initialization.
+* Saves are atomic (:func:`metaspike_d2.checkpoint.save_atomic`: temporary file, fsync, rename), and so is
+  the ``last_checkpoint`` tag, so a kill at any moment leaves the previous complete checkpoint readable.
 """
 from __future__ import annotations
+
+import os
+import tempfile
 
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..backbone import MetaSpikeFormer
-from ..checkpoint import CheckpointError, load_backbone_weights, load_checkpoint_file, load_state_dict_strict
+from ..checkpoint import (CheckpointError, load_backbone_weights, load_checkpoint_file, load_state_dict_strict,
+                          save_atomic)
 
 __all__ = ["MetaSpikeCheckpointer"]
 
@@ -40,6 +46,37 @@ class MetaSpikeCheckpointer(DetectionCheckpointer):
             meta["path"] = filename
             return {"model": state_dict, _BACKBONE_KEY: meta}
         return loaded
+
+    def save(self, name: str, **kwargs) -> None:
+        """fvcore's ``Checkpointer.save`` (same content), written with :func:`save_atomic` instead of
+        ``torch.save`` into the final path (a kill mid-write would leave a truncated ``model_XXXX.pth``
+        that ``last_checkpoint`` may already point to)."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        save_atomic(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Write ``last_checkpoint`` atomically (temporary file, then rename)."""
+        os.makedirs(self.save_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.save_dir, prefix=".last_checkpoint.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(last_filename_basename)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(self.save_dir, "last_checkpoint"))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     def _torch_load(self, f: str):
         return load_checkpoint_file(f)
