@@ -105,9 +105,14 @@ def test_configs_build(path):
         assert cfg.MODEL.METASPIKE.VARIANT == "55m" and cfg.MODEL.FPN.OUT_CHANNELS == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 256
 
 
-@pytest.mark.parametrize("time_steps,time_mode", [(1, "mean"), (2, "mean"), (2, "spiking")])
-def test_train_step_and_inference(time_steps, time_mode):
-    cfg = load_cfg(QUICKSTART, "MODEL.METASPIKE.T", time_steps, "MODEL.METASPIKE.SEM_SEG.TIME_MODE", time_mode)
+PAPER_LAYOUT = ("MODEL.METASPIKE.OUT_FEATURES", ["stem", "stage1", "stage2", "stage4"], "MODEL.FPN.IN_FEATURES",
+                ["stem", "stage1", "stage2", "stage4"], "MODEL.SEM_SEG_HEAD.IN_FEATURES", ["p1", "p2", "p3", "p4"])
+
+
+@pytest.mark.parametrize("time_steps,time_mode,layout", [(1, "mean", ()), (2, "mean", ()), (2, "spiking", ()),
+                                                         (2, "spiking", PAPER_LAYOUT)])
+def test_train_step_and_inference(time_steps, time_mode, layout):
+    cfg = load_cfg(QUICKSTART, "MODEL.METASPIKE.T", time_steps, "MODEL.METASPIKE.SEM_SEG.TIME_MODE", time_mode, *layout)
     model = build_model(cfg)
     feats = model.backbone(torch.zeros(1, 3, 32, 48))
     rank = 4 if time_mode == "mean" else 5
@@ -137,8 +142,9 @@ def test_train_step_and_inference(time_steps, time_mode):
 
 
 def test_stock_sem_seg_fpn_head_on_the_backbone():
-    cfg = load_cfg(QUICKSTART, "MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead", "MODEL.SEM_SEG_HEAD.IN_FEATURES",
-                   ["p2", "p3", "p4"], "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", 4, "MODEL.METASPIKE.T", 2)
+    cfg = load_cfg(QUICKSTART, *PAPER_LAYOUT, "MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead",
+                   "MODEL.SEM_SEG_HEAD.IN_FEATURES", ["p2", "p3", "p4"], "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", 4,
+                   "MODEL.METASPIKE.T", 2)
     model = build_model(cfg)
     assert type(model.sem_seg_head).__name__ == "SemSegFPNHead"
     with EventStorage():

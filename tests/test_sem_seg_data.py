@@ -74,6 +74,18 @@ def test_prepare_ade20k_and_registration(tmp_path, restore_registrations, capsys
     assert all(d["sem_seg_file_name"].startswith(str(base / "annotations_detectron2" / "training")) for d in dicts)
     meta = MetadataCatalog.get("ade20k_sem_seg_val")
     assert meta.evaluator_type == "sem_seg" and meta.ignore_label == 255 and len(meta.stuff_classes) == 150
+    # SemSegEvaluator through train_net's builder (NumPy-2-safe label reader): a perfect prediction -> mIoU 100
+    import torch
+
+    from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator
+
+    evaluator = build_sem_seg_evaluator("ade20k_sem_seg_val")
+    evaluator.reset()
+    for d in DatasetCatalog.get("ade20k_sem_seg_val"):
+        gt = torch.from_numpy(np.asarray(Image.open(d["sem_seg_file_name"])).astype(np.int64))
+        logits = torch.nn.functional.one_hot(gt.clamp(max=149), 150).permute(2, 0, 1).float()
+        evaluator.process([{"file_name": d["file_name"]}], [{"sem_seg": logits}])
+    assert evaluator.evaluate()["sem_seg"]["mIoU"] == pytest.approx(100.0)
 
 
 def test_missing_ade20k_names_paths_and_prepare_command(tmp_path, restore_registrations):
