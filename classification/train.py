@@ -336,7 +336,12 @@ def _main(args) -> dict:
                                   "use --finetune to start from its weights")
         load_state_dict_strict(model_without_ddp, extract_state_dict(ckpt, resume), source=resume)
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.load_state_dict(ckpt["scheduler"])  # the schedule (length, warm-up, peak lr) of the checkpoint
+        saved = ckpt.get("args") or {}
+        changed = [k for k in ("epochs", "warmup_epochs", "lr", "min_lr") if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            logger.warning("resume: %s differ from the checkpoint's; the checkpoint's schedule is kept (%s)", changed,
+                           {k: saved[k] for k in changed})
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if model_ema is not None:
