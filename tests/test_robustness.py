@@ -21,17 +21,23 @@ QUICKSTART = str(ROOT / "configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml
 # Runs tools/train_net.py on a registered 8-image, 64 px shapes split ("robust_shapes_train"):
 #   python runner.py DATA_ROOT [train_net arguments...]
 RUNNER = textwrap.dedent("""
-    import importlib.util, sys
-    sys.path.insert(0, {root!r})
-    from metaspike_d2.data.shapes import ShapesSplit, register_shapes_instances
-    register_shapes_instances("robust_shapes_train", "train", ShapesSplit(8, (64, 64), seed=0), sys.argv[1])
-    spec = importlib.util.spec_from_file_location("train_net", {root!r} + "/tools/train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
-    args = train_net.default_argument_parser().parse_args(sys.argv[2:])
-    train_net.launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
-""")
+    import sys
+    sys.path[:0] = [{root!r}, {root!r} + "/tools"]
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from metaspike_d2.data.shapes import SHAPES_CLASSES, ShapesSplit, register_shapes_instances
+    import train_net
 
+    # module level: also runs in the processes detectron2's launch spawns
+    register_shapes_instances("robust_shapes_train", "train", ShapesSplit(8, (64, 64), seed=0), sys.argv[1])
+    # two copies of the first image: batch statistics of 1 image == those of 2 identical images
+    DatasetCatalog.register("robust_twins", lambda: [dict(DatasetCatalog.get("robust_shapes_train")[0], image_id=i)
+                                                     for i in (0, 1)])
+    MetadataCatalog.get("robust_twins").set(thing_classes=list(SHAPES_CLASSES))
+
+    if __name__ == "__main__":
+        args = train_net.default_argument_parser().parse_args(sys.argv[2:])
+        train_net.launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+""")
 
 def tiny_train_opts(out_dir, max_iter, period):
     return ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", "('robust_shapes_train',)", "DATASETS.TEST", "()",
@@ -121,3 +127,68 @@ def test_d2_sigkill_after_first_checkpoint_then_resume(shapes_runner, tmp_path):
     assert final["iteration"] == max_iter - 1
     assert _last_iteration(out / "metrics.json") == max_iter - 1
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Distributed on the CPU (gloo)
+
+
+def _first_loss(shapes_runner, out, num_procs):
+    runner, data_root = shapes_runner
+    deterministic = [  # every anchor and proposal is sampled (no per-process randomness), no flip
+        "DATASETS.TRAIN", "('robust_twins',)", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "1",
+        "SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.RANDOM_FLIP", "none", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "4096",
+        "MODEL.RPN.POSITIVE_FRACTION", "1.0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512",
+        "MODEL.ROI_HEADS.POSITIVE_FRACTION", "1.0"]
+    cmd = [sys.executable, str(runner), str(data_root), "--config-file", QUICKSTART, "--num-gpus", str(num_procs),
+           *tiny_train_opts(out, 1, 1000), *deterministic]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+    assert records[-1]["iteration"] == 0
+    return records[-1], proc.stdout + proc.stderr
+
+
+def test_d2_two_cpu_processes_match_one_process_with_both_images(shapes_runner, tmp_path):
+    """launch --num-gpus 2 on a CPU-only machine trains with gloo (Detectron2's create_ddp_model passes
+    device_ids, which DDP rejects for CPU models); 2 processes x 1 image give the first-iteration losses of
+    1 process x 2 images."""
+    single, _ = _first_loss(shapes_runner, tmp_path / "one", 1)
+    double, log = _first_loss(shapes_runner, tmp_path / "two", 2)
+    assert "World size: 2" in (tmp_path / "two" / "log.txt").read_text() and (tmp_path / "two" / "log.txt.rank1").exists()
+    for key in ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"):
+        assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
+
+
+def test_amp_and_syncbn_on_cpu_are_refused_clearly():
+    from types import SimpleNamespace
+
+    from detectron2.config import get_cfg
+
+    from metaspike_d2.backbone import MetaSpikeFormer
+    from metaspike_d2.d2 import add_metaspike_config
+    from metaspike_d2.d2 import engine
+
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED = "cpu", True
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED"):
+        engine.build_train_loop(cfg, nn.Linear(2, 2), [], torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1))
+    cfg.SOLVER.AMP.ENABLED = False
+    assert type(engine.build_train_loop(cfg, nn.Linear(2, 2), [], torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1))
+                ).__name__ == "SimpleTrainer"
+    model = nn.Sequential(MetaSpikeFormer(widths=(8, 16, 32, 64), num_heads=1))
+    cfg.MODEL.METASPIKE.NORM = "SyncBN"
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    engine.apply_backbone_norm(cfg, model)  # one process: converted (it runs as BN until there is a group)
+    assert n_bn > 0 and sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == n_bn
+    old = engine.comm.get_world_size
+    engine.comm.get_world_size = lambda: 2
+    try:
+        with pytest.raises(ValueError, match="SyncBN.*GPUs"):
+            engine.apply_backbone_norm(cfg, nn.Sequential(MetaSpikeFormer(widths=(8, 16, 32, 64), num_heads=1)))
+    finally:
+        engine.comm.get_world_size = old
+    cfg.MODEL.METASPIKE.NORM = "GN"
+    with pytest.raises(ValueError, match="'BN' or 'SyncBN'"):
+        engine.apply_backbone_norm(cfg, model)

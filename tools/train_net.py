@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.engine.train_loop import TrainerBase  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results  # noqa: E402
 
 from metaspike_d2.d2 import (  # noqa: E402
@@ -30,6 +32,7 @@ from metaspike_d2.d2 import (  # noqa: E402
     build_optimizer,
 )
 from metaspike_d2.d2.config import maybe_reparameterize  # noqa: E402
+from metaspike_d2.d2.engine import apply_backbone_norm, build_train_loop, create_ddp_model  # noqa: E402
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation  # noqa: E402
@@ -49,14 +52,24 @@ class Trainer(DefaultTrainer):
     evaluators chosen by the dataset's ``evaluator_type`` ("coco" or "sem_seg")."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        # DefaultTrainer's checkpointer, with weights_only loading and backbone-file initialization
-        # (metaspike_d2/d2/checkpoint.py); the periodic-checkpoint hook is pointed at it too.
-        self.checkpointer = MetaSpikeCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        for hook in self._hooks:
-            if isinstance(hook, hooks.PeriodicCheckpointer):
-                hook.checkpointer = self.checkpointer
+        # DefaultTrainer.__init__, with a CPU-aware DDP wrapper (gloo), AMP refused on the CPU,
+        # MODEL.METASPIKE.NORM (BN/SyncBN) applied to the backbone (metaspike_d2/d2/engine.py) and the
+        # MetaSpikeCheckpointer (weights_only loading, atomic saves; metaspike_d2/d2/checkpoint.py).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = apply_backbone_norm(cfg, self.build_model(cfg))
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = MetaSpikeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -112,6 +112,13 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.FIRING_RATE_PERIOD = 0
     # ---- end of firing-rate logging --------------------------------------------------------------
 
+    # ---- Robustness (issue 7; metaspike_d2/d2/engine.py, docs/troubleshooting.md) ----------------
+    # Normalization of the Meta-SpikeFormer backbone in training: "BN" (per-process BatchNorm) or "SyncBN"
+    # (every backbone BatchNorm, BN-and-pad included, synchronized across processes; GPUs only: a
+    # multi-process CPU run with SyncBN is refused at build time).
+    _C.MODEL.METASPIKE.NORM = "BN"
+    # ---- end of robustness -----------------------------------------------------------------------
+
 
 def maybe_reparameterize(cfg, model):
     """Apply ``MODEL.METASPIKE.REPARAM_INFERENCE`` ("" = off, "fast", "spike") to an inference model,

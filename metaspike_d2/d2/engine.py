@@ -1,0 +1,76 @@
+"""Training-loop pieces that work on CPUs as well as GPUs (issue 7).
+
+* :func:`create_ddp_model`: Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``,
+  which ``DistributedDataParallel`` rejects for a CPU model; here ``device_ids`` is only set for CUDA
+  models, so ``launch(..., num_gpus_per_machine=N)`` with ``MODEL.DEVICE cpu`` trains with gloo.
+* :func:`build_train_loop`: ``SimpleTrainer``, or ``AMPTrainer`` when ``SOLVER.AMP.ENABLED``. Detectron2's
+  AMPTrainer (fp16 + GradScaler) asserts CUDA; on the CPU it is refused with a clear error instead.
+* :func:`apply_backbone_norm`: ``MODEL.METASPIKE.NORM`` = "BN" (default) or "SyncBN" (every BatchNorm of
+  the Meta-SpikeFormer backbone becomes a SyncBatchNorm, BN-and-pad keeping its border,
+  :func:`metaspike_d2.blocks.convert_sync_batchnorm`). torch's SyncBatchNorm only runs on GPUs, so
+  SyncBN with several CPU processes is refused at build time.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
+
+from ..backbone import MetaSpikeFormer
+from ..blocks import convert_sync_batchnorm
+
+__all__ = ["create_ddp_model", "build_train_loop", "apply_backbone_norm", "model_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` when there are several processes (else ``model``); CPU-aware."""
+    if comm.get_world_size() == 1:
+        return model
+    if "device_ids" not in kwargs and model_device(model).type == "cuda":
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp
+
+
+def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """``AMPTrainer`` if ``SOLVER.AMP.ENABLED`` (CUDA only: a clear error on the CPU), else ``SimpleTrainer``."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    if model_device(model).type != "cuda":
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED=True needs a CUDA model (MODEL.DEVICE is {cfg.MODEL.DEVICE!r}): Detectron2's "
+            "AMPTrainer trains in float16 with a GradScaler on the GPU. Set SOLVER.AMP.ENABLED False for CPU training.")
+    return AMPTrainer(model, data_loader, optimizer)
+
+
+def apply_backbone_norm(cfg, model: torch.nn.Module) -> torch.nn.Module:
+    """Apply ``MODEL.METASPIKE.NORM`` ("BN" or "SyncBN") to every Meta-SpikeFormer in ``model`` (in place)."""
+    norm = cfg.MODEL.METASPIKE.get("NORM", "BN")
+    if norm == "BN":
+        return model
+    if norm != "SyncBN":
+        raise ValueError(f"MODEL.METASPIKE.NORM must be 'BN' or 'SyncBN', got {norm!r}")
+    if model_device(model).type != "cuda" and comm.get_world_size() > 1:
+        raise ValueError(
+            "MODEL.METASPIKE.NORM='SyncBN' needs GPUs (torch's SyncBatchNorm has no CPU kernel) but this is a "
+            f"{comm.get_world_size()}-process run with MODEL.DEVICE={cfg.MODEL.DEVICE!r}. Use NORM 'BN' on the CPU.")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MetaSpikeFormer):
+            for child_name, child in list(module.named_children()):
+                module.add_module(child_name, convert_sync_batchnorm(child))
+            logger.info("MODEL.METASPIKE.NORM=SyncBN: BatchNorms of %s converted to SyncBatchNorm", name or "model")
+    return model
