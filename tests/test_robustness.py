@@ -192,3 +192,77 @@ def test_amp_and_syncbn_on_cpu_are_refused_clearly():
     cfg.MODEL.METASPIKE.NORM = "GN"
     with pytest.raises(ValueError, match="'BN' or 'SyncBN'"):
         engine.apply_backbone_norm(cfg, model)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Non-finite losses
+
+
+def _load_train_net():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_net_robust", ROOT / "tools/train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_cfg(train_net, *opts):
+    from detectron2.config import get_cfg
+    from metaspike_d2.d2 import add_metaspike_config
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file(QUICKSTART)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def test_d2_nan_loss_stops_with_iteration_and_keeps_last_good_checkpoint(shapes_runner, tmp_path):
+    from detectron2.data import DatasetCatalog
+    from detectron2.utils.events import get_event_storage
+
+    from metaspike_d2.data.shapes import ShapesSplit, register_shapes_instances
+    if "robust_shapes_train" not in DatasetCatalog.list():
+        register_shapes_instances("robust_shapes_train", "train", ShapesSplit(8, (64, 64), seed=0), shapes_runner[1])
+    train_net = _load_train_net()
+    cfg = _tiny_cfg(train_net, *tiny_train_opts(tmp_path, 10, 2))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer._trainer.model
+    forward = model.forward
+
+    def poisoned(*args, **kwargs):  # a non-finite loss at iteration 5
+        losses = forward(*args, **kwargs)
+        if get_event_storage().iter == 5:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return losses
+
+    model.forward = poisoned
+    with pytest.raises(FloatingPointError, match="iteration=5"):
+        trainer.train()
+    assert not (tmp_path / "model_final.pth").exists()
+    last = (tmp_path / "last_checkpoint").read_text().strip()
+    assert last == "model_0000003.pth"  # iterations 1 and 3 were checkpointed (period 2); 5 never stepped
+    saved = load_checkpoint_file(tmp_path / last)
+    assert saved["iteration"] == 3 and all(torch.isfinite(v).all() for v in saved["model"].values()
+                                           if v.is_floating_point())
+
+
+def test_classification_nan_loss_stops_with_epoch_and_step():
+    from classification.engine import train_one_epoch
+
+    model = nn.Linear(4, 3)
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(4)]
+    calls = []
+
+    def criterion(images, outputs, targets):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(outputs, targets)
+        return loss * float("inf") if len(calls) == 3 else loss
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    import contextlib
+    with pytest.raises(FloatingPointError, match="epoch 7 step 2"):
+        train_one_epoch(model, criterion, loader, optimizer, None, scaler, torch.device("cpu"), 7,
+                        autocast_ctx=contextlib.nullcontext)
+    assert len(calls) == 3  # stopped at once, before the non-finite step updated anything
