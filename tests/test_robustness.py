@@ -1,6 +1,7 @@
 """Robustness (issue 7): atomic Detectron2 checkpoints, SIGKILL + --resume, non-finite losses, bad inputs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -119,7 +121,8 @@ def test_d2_sigkill_after_first_checkpoint_then_resume(shapes_runner, tmp_path):
     assert killed_at < max_iter - 1 and {"model", "trainer", "iteration"} <= set(saved)
     assert "optimizer" in saved["trainer"]["_trainer"] and any("LRScheduler" in h for h in saved["trainer"]["hooks"])
 
-    resumed = subprocess.run([*head, "--resume", *tiny_train_opts(out, max_iter, 3)], env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*head, "--resume", *tiny_train_opts(out, max_iter, 3)], env=_env(),
+                             capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     text = resumed.stdout + resumed.stderr
     assert f"Starting training from iteration {killed_at + 1}" in text
@@ -155,14 +158,13 @@ def test_d2_two_cpu_processes_match_one_process_with_both_images(shapes_runner, 
     1 process x 2 images."""
     single, _ = _first_loss(shapes_runner, tmp_path / "one", 1)
     double, log = _first_loss(shapes_runner, tmp_path / "two", 2)
-    assert "World size: 2" in (tmp_path / "two" / "log.txt").read_text() and (tmp_path / "two" / "log.txt.rank1").exists()
+    assert "World size: 2" in (tmp_path / "two" / "log.txt").read_text()
+    assert (tmp_path / "two" / "log.txt.rank1").exists()
     for key in ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"):
         assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
 
 
 def test_amp_and_syncbn_on_cpu_are_refused_clearly():
-    from types import SimpleNamespace
-
     from detectron2.config import get_cfg
 
     from metaspike_d2.backbone import MetaSpikeFormer
@@ -175,8 +177,8 @@ def test_amp_and_syncbn_on_cpu_are_refused_clearly():
     with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED"):
         engine.build_train_loop(cfg, nn.Linear(2, 2), [], torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1))
     cfg.SOLVER.AMP.ENABLED = False
-    assert type(engine.build_train_loop(cfg, nn.Linear(2, 2), [], torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1))
-                ).__name__ == "SimpleTrainer"
+    loop = engine.build_train_loop(cfg, nn.Linear(2, 2), [], torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1))
+    assert type(loop).__name__ == "SimpleTrainer"
     model = nn.Sequential(MetaSpikeFormer(widths=(8, 16, 32, 64), num_heads=1))
     cfg.MODEL.METASPIKE.NORM = "SyncBN"
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -266,3 +268,164 @@ def test_classification_nan_loss_stops_with_epoch_and_step():
         train_one_epoch(model, criterion, loader, optimizer, None, scaler, torch.device("cpu"), 7,
                         autocast_ctx=contextlib.nullcontext)
     assert len(calls) == 3  # stopped at once, before the non-finite step updated anything
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Bad inputs
+
+
+def _write_images(folder):
+    """name -> (path, expected RGB value of pixel (0, 0)) for the modes users meet."""
+    from PIL import Image
+    import numpy as np
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    Image.fromarray(np.full((6, 8), 100, np.uint8), "L").save(folder / "gray.png")
+    out["gray"] = (folder / "gray.png", (100, 100, 100))
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    out["rgba"] = (folder / "rgba.png", (200, 0, 0))
+    pal = Image.fromarray(np.ones((6, 8), np.uint8), "P")
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.save(folder / "palette.png")
+    out["palette"] = (folder / "palette.png", (10, 20, 30))
+    Image.fromarray(np.full((6, 8), 65535, np.uint16)).save(folder / "deep16.png")  # 16-bit white
+    out["deep16"] = (folder / "deep16.png", (255, 255, 255))
+    Image.fromarray(np.full((6, 8), 32768, np.uint16)).save(folder / "mid16.png")
+    out["mid16"] = (folder / "mid16.png", (128, 128, 128))
+    return out
+
+
+def test_read_image_converts_modes_to_3_channel_uint8(tmp_path):
+    from detectron2.data.detection_utils import read_image as d2_read_image
+
+    from metaspike_d2.data.image_io import read_image
+    for name, (path, rgb) in _write_images(tmp_path).items():
+        bgr = read_image(str(path), "BGR")
+        assert bgr.shape == (6, 8, 3) and bgr.dtype == np.uint8, name
+        assert tuple(int(v) for v in bgr[0, 0, ::-1]) == rgb, name
+        assert tuple(int(v) for v in read_image(str(path), "RGB")[0, 0]) == rgb, name
+    # Detectron2's own reader saturates a 16-bit image instead of scaling it
+    assert tuple(d2_read_image(str(tmp_path / "mid16.png"), "RGB")[0, 0]) != (128, 128, 128)
+
+
+def test_read_image_names_corrupt_truncated_and_missing_files(tmp_path):
+    from metaspike_d2.data.image_io import ImageReadError, read_image
+    path, _ = _write_images(tmp_path)["gray"]
+    big = tmp_path / "big.png"
+    from PIL import Image
+    Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)).save(big)
+    (tmp_path / "truncated.png").write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
+    for name in ("truncated.png", "garbage.jpg", "missing.png"):
+        with pytest.raises(ImageReadError, match=name):
+            read_image(str(tmp_path / name))
+
+
+def _mapper_cfg(*opts):
+    from detectron2.config import get_cfg
+    from metaspike_d2.d2 import add_metaspike_config
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file(QUICKSTART)
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", "(32,)", "INPUT.MAX_SIZE_TRAIN", 32, "INPUT.MIN_SIZE_TEST", 32,
+                         "INPUT.MAX_SIZE_TEST", 32, *opts])
+    return cfg
+
+
+def test_mapper_skips_bad_training_images_only_when_configured(tmp_path, caplog):
+    from detectron2.data import build_detection_train_loader
+
+    from metaspike_d2.data.image_io import ImageReadError, RobustDatasetMapper
+    images = _write_images(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    record = lambda p: {"file_name": str(p), "height": 6, "width": 8, "image_id": str(p), "annotations": []}  # noqa
+    bad, good = record(tmp_path / "bad.png"), record(images["gray"][0])
+    with pytest.raises(ImageReadError, match="bad.png"):
+        RobustDatasetMapper(_mapper_cfg(), is_train=True)(bad)
+    skipping = RobustDatasetMapper(_mapper_cfg("DATALOADER.SKIP_BAD_IMAGES", True), is_train=True)
+    before = RobustDatasetMapper.num_skipped
+    with caplog.at_level("WARNING"):
+        assert skipping(bad) is None
+    assert RobustDatasetMapper.num_skipped == before + 1 and "bad.png" in caplog.text
+    assert skipping(good)["image"].shape[0] == 3
+    with pytest.raises(ImageReadError, match="bad.png"):  # evaluation never skips
+        RobustDatasetMapper(_mapper_cfg("DATALOADER.SKIP_BAD_IMAGES", True), is_train=False)(bad)
+    # through Detectron2's loader: the bad record is replaced by another one
+    cfg = _mapper_cfg("DATALOADER.SKIP_BAD_IMAGES", True, "SOLVER.IMS_PER_BATCH", 2,
+                      "DATALOADER.FILTER_EMPTY_ANNOTATIONS", False)
+    loader = build_detection_train_loader(cfg, dataset=[bad, good], mapper=skipping, total_batch_size=2,
+                                          num_workers=0, aspect_ratio_grouping=False)
+    batch = next(iter(loader))
+    assert [d["file_name"] for d in batch] == [good["file_name"]] * 2
+
+
+def test_images_without_annotations_train(shapes_runner, tmp_path):
+    """FILTER_EMPTY_ANNOTATIONS False keeps images without objects; they train (all proposals background)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from metaspike_d2.data.image_io import RobustDatasetMapper
+    from metaspike_d2.data.shapes import ShapesSplit, register_shapes_instances
+    if "robust_shapes_train" not in DatasetCatalog.list():
+        register_shapes_instances("robust_shapes_train", "train", ShapesSplit(8, (64, 64), seed=0), shapes_runner[1])
+    record = dict(DatasetCatalog.get("robust_shapes_train")[0], annotations=[])
+    cfg = _mapper_cfg("MODEL.RPN.POST_NMS_TOPK_TRAIN", 20, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
+                      "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", 64)
+    from detectron2.data.build import filter_images_with_only_crowd_annotations
+    assert filter_images_with_only_crowd_annotations([record]) == []  # what the default (True) would do
+    inputs = [RobustDatasetMapper(cfg, is_train=True)(record)]
+    assert len(inputs[0]["instances"]) == 0
+    from detectron2.utils.events import EventStorage
+    model = build_model(cfg).train()
+    with EventStorage(0):
+        losses = model(inputs)
+    total = sum(losses.values())
+    assert torch.isfinite(total) and losses["loss_box_reg"] == 0 and losses["loss_mask"] == 0
+    total.backward()
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+    train_net = _load_train_net()
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", QUICKSTART, "MODEL.METASPIKE.TIME_STEPS", "4", "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises((KeyError, AssertionError), match="Non-existent key: MODEL.METASPIKE.TIME_STEPS"):
+        train_net.setup(args)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(f"_BASE_: {QUICKSTART}\nSOLVER:\n  MAX_ITERS: 5\n")
+    args = train_net.default_argument_parser().parse_args(["--config-file", str(bad_yaml)])
+    with pytest.raises(KeyError, match="SOLVER.MAX_ITERS"):
+        train_net.setup(args)
+
+
+def test_wrong_variant_checkpoint_lists_the_mismatched_keys(tmp_path):
+    from detectron2.modeling import build_model
+
+    from metaspike_d2.checkpoint import CheckpointError
+    from metaspike_d2.backbone import MetaSpikeFormer
+    from metaspike_d2.checkpoint import save_backbone_weights
+    cfg = _mapper_cfg()
+    model = build_model(cfg)
+    other = MetaSpikeFormer(widths=(16, 32, 64, 128), num_heads=1)  # not the "tiny" widths
+    path = tmp_path / "other_backbone.pth"
+    save_backbone_weights(path, other.state_dict(), source="test")
+    with pytest.raises(CheckpointError) as e:
+        MetaSpikeCheckpointer(model).load(str(path))
+    assert re.search(r"shape mismatches \(\d+\): \S+ checkpoint \(\d+, \d+, .*\) vs model \(", str(e.value))
+    # a full detector checkpoint of another variant: Detectron2 would skip mismatched shapes with a warning
+    full = tmp_path / "other_detector.pth"
+    big = build_model(_mapper_cfg("MODEL.METASPIKE.VARIANT", "15m"))
+    torch.save({"model": big.state_dict()}, full)
+    with pytest.raises(CheckpointError) as e:
+        MetaSpikeCheckpointer(model).load(str(full))
+    assert str(full) in str(e.value) and "ALLOW_PARTIAL_WEIGHTS" in str(e.value)
+    assert "shape mismatches" in str(e.value) and "backbone.bottom_up.stage" in str(e.value)
+    partial = MetaSpikeCheckpointer(model, allow_partial=True)  # the explicit flag: Detectron2's skip-and-warn
+    partial.load(str(full))
+
+
+def test_time_steps_below_one_is_a_clear_error():
+    from detectron2.modeling import build_model
+    with pytest.raises(ValueError, match="T|time_steps"):
+        build_model(_mapper_cfg("MODEL.METASPIKE.T", 0))

@@ -18,10 +18,10 @@ import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from metaspike_d2.d2 import add_metaspike_config  # noqa: E402
+from metaspike_d2.data.image_io import read_image  # noqa: E402  (grayscale/RGBA/palette/16-bit -> BGR)
 from metaspike_d2.d2.predictor import VisualizationDemo  # noqa: E402
 
 WINDOW_NAME = "metaspike-d2"

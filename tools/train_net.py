@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader  # noqa: E402
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.engine.train_loop import TrainerBase  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -36,6 +36,7 @@ from metaspike_d2.d2.engine import apply_backbone_norm, build_train_loop, create
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation  # noqa: E402
+from metaspike_d2.data.image_io import RobustDatasetMapper  # noqa: E402
 from metaspike_d2.data.sem_seg_augmentation import build_sem_seg_augmentation  # noqa: E402
 
 
@@ -65,7 +66,8 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, broadcast_buffers=False)
         self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = MetaSpikeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = MetaSpikeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                  allow_partial=cfg.MODEL.METASPIKE.ALLOW_PARTIAL_WEIGHTS)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -90,8 +92,15 @@ class Trainer(DefaultTrainer):
             augmentations = build_sem_seg_augmentation(cfg)
         else:
             augmentations = build_detection_augmentation(cfg, True)
-        mapper = DatasetMapper(cfg, is_train=True, augmentations=augmentations)
+        # grayscale / RGBA / palette / 16-bit images converted, unreadable files named (or skipped and
+        # counted with DATALOADER.SKIP_BAD_IMAGES); metaspike_d2/data/image_io.py
+        mapper = RobustDatasetMapper(cfg, is_train=True, augmentations=augmentations)
         return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        # the same image reader; evaluation never skips an image
+        return build_detection_test_loader(cfg, dataset_name, mapper=RobustDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_optimizer(cls, cfg, model):

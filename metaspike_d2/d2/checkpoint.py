@@ -19,8 +19,8 @@ import tempfile
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..backbone import MetaSpikeFormer
-from ..checkpoint import (CheckpointError, load_backbone_weights, load_checkpoint_file, load_state_dict_strict,
-                          save_atomic)
+from ..checkpoint import (CheckpointError, LoadReport, load_backbone_weights, load_checkpoint_file,
+                          load_state_dict_strict, save_atomic)
 
 __all__ = ["MetaSpikeCheckpointer"]
 
@@ -35,7 +35,38 @@ def _is_backbone_state_dict(state_dict) -> bool:
 class MetaSpikeCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` that loads with ``weights_only=True`` and accepts backbone files."""
 
+    def __init__(self, model, save_dir: str = "", *, save_to_disk=None, allow_partial: bool = False,
+                 **checkpointables):
+        """``allow_partial=False`` (default): a full-model checkpoint whose keys or shapes differ from the
+        model (another variant, another task, another number of classes) raises
+        :class:`~metaspike_d2.checkpoint.CheckpointError` listing every missing, unexpected and mismatched key
+        (Detectron2 would skip them with a warning). ``True`` (``MODEL.METASPIKE.ALLOW_PARTIAL_WEIGHTS``):
+        Detectron2's behaviour, the differences logged as warnings."""
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.allow_partial = allow_partial
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        if incompatible is None:
+            return
+        from fvcore.common.checkpoint import _filter_reused_missing_keys
+
+        missing = _filter_reused_missing_keys(self.model, incompatible.missing_keys) if incompatible.missing_keys \
+            else []
+        if self.allow_partial or not (missing or incompatible.unexpected_keys or incompatible.incorrect_shapes):
+            return super()._log_incompatible_keys(incompatible)
+        report = LoadReport(getattr(self, "_current_file", "checkpoint"), missing=sorted(missing),
+                            unexpected=list(incompatible.unexpected_keys),
+                            mismatched=list(incompatible.incorrect_shapes))
+        bad = set(missing) | {k for k, _, _ in report.mismatched}
+        report.loaded = [k for k in self.model.state_dict() if k not in bad]
+        raise CheckpointError(
+            report.describe() + " (model built from the config)\nRefusing a partial "
+            "load: check MODEL.METASPIKE.VARIANT / WIDTHS, the task and NUM_CLASSES against the file, or set "
+            "MODEL.METASPIKE.ALLOW_PARTIAL_WEIGHTS True to load only the matching tensors (e.g. fine-tuning "
+            "with another number of classes).")
+
     def _load_file(self, filename: str):
+        self._current_file = filename
         if filename.endswith((".pkl", ".pyth")):
             raise CheckpointError(
                 f"{filename}: pickle-based checkpoints can run arbitrary code and are not loaded. Re-save the "

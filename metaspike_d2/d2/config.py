@@ -117,6 +117,14 @@ def add_metaspike_config(cfg: CN) -> None:
     # (every backbone BatchNorm, BN-and-pad included, synchronized across processes; GPUs only: a
     # multi-process CPU run with SyncBN is refused at build time).
     _C.MODEL.METASPIKE.NORM = "BN"
+    # Training only: skip (and count, with a logged warning naming the file) images that cannot be read
+    # (corrupt, truncated, missing) instead of stopping (metaspike_d2.data.image_io.RobustDatasetMapper).
+    # Evaluation never skips.
+    _C.DATALOADER.SKIP_BAD_IMAGES = False
+    # MODEL.WEIGHTS (full detector checkpoints) in training: False refuses a file whose keys or shapes differ
+    # from the model, listing them; True loads only the matching tensors (Detectron2's behaviour, e.g. to
+    # fine-tune with another NUM_CLASSES), the differences logged as warnings. --eval-only is always strict.
+    _C.MODEL.METASPIKE.ALLOW_PARTIAL_WEIGHTS = False
     # ---- end of robustness -----------------------------------------------------------------------
 
 
