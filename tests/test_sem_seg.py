@@ -49,7 +49,8 @@ SHAPES = {"p1": ShapeSpec(channels=8, stride=2), "p2": ShapeSpec(channels=8, str
 def test_head_on_tensors_output_at_input_resolution(time_steps):
     head = SpikeSemSegFPNHead(SHAPES, num_classes=5, conv_dims=8, common_stride=2)
     lead = () if time_steps is None else (time_steps,)
-    feats = {k: (3 * torch.randn(*lead, 2, 8, 64 // s.stride, 96 // s.stride)).requires_grad_() for k, s in SHAPES.items()}
+    feats = {k: (3 * torch.randn(*lead, 2, 8, 64 // s.stride, 96 // s.stride)).requires_grad_()
+             for k, s in SHAPES.items()}
     # per level: max(1, log2(stride / common_stride)) units -> 1, 1, 2, 3 (the original's layout)
     assert [len(h.convs) for h in head.scale_heads] == [1, 1, 2, 3]
     targets = torch.randint(0, 5, (2, 64, 96))
@@ -93,7 +94,8 @@ def test_configs_build(path):
     assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == (150 if "ADE20K" in path else 21 if "VOC" in path else 4)
     if "_T4" in name:
         assert cfg.MODEL.METASPIKE.T == 4 and cfg.MODEL.WEIGHTS.endswith("_T1/model_final.pth")
-        assert os.path.basename(os.path.dirname(cfg.MODEL.WEIGHTS)) == os.path.basename(cfg.OUTPUT_DIR).replace("T4", "T1")
+        t1_output = os.path.basename(cfg.OUTPUT_DIR).replace("T4", "T1")
+        assert os.path.basename(os.path.dirname(cfg.MODEL.WEIGHTS)) == t1_output
     if path in CONFIGS:
         assert cfg.INPUT.CROP.SIZE == [512, 512] and cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR"
         assert cfg.SOLVER.POLY_LR_POWER == 1.0 and cfg.SOLVER.OPTIMIZER == "ADAMW"
@@ -102,7 +104,8 @@ def test_configs_build(path):
         assert isinstance(model.backbone, SpikeFPNSemSeg)
         assert model.backbone.output_shape()["p1"].stride == 2
     else:
-        assert cfg.MODEL.METASPIKE.VARIANT == "55m" and cfg.MODEL.FPN.OUT_CHANNELS == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 256
+        assert cfg.MODEL.METASPIKE.VARIANT == "55m"
+        assert cfg.MODEL.FPN.OUT_CHANNELS == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 256
 
 
 PAPER_LAYOUT = ("MODEL.METASPIKE.OUT_FEATURES", ["stem", "stage1", "stage2", "stage4"], "MODEL.FPN.IN_FEATURES",
@@ -170,7 +173,8 @@ def test_lr_multipliers_and_poly_schedule():
     for _ in range(50):
         optimizer.step()
         scheduler.step()
-    head_group = next(g for g in optimizer.param_groups if any(p is model.sem_seg_head.predictor.weight for p in g["params"]))
+    predictor = model.sem_seg_head.predictor.weight
+    head_group = next(g for g in optimizer.param_groups if any(p is predictor for p in g["params"]))
     assert head_group["lr"] == pytest.approx(2 * base * 0.5)  # poly, power 1, half-way
 
 

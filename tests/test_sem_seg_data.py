@@ -51,7 +51,8 @@ def make_fake_ade20k(root):
         (base / "images" / split).mkdir(parents=True)
         (base / "annotations" / split).mkdir(parents=True)
         for name in names:
-            Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(base / "images" / split / f"{name}.jpg")
+            image = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+            Image.fromarray(image).save(base / "images" / split / f"{name}.jpg")
             label = rng.integers(0, 151, (12, 16), dtype=np.uint8)
             label[0, :3] = [0, 1, 150]
             Image.fromarray(label).save(base / "annotations" / split / f"{name}.png")
@@ -97,7 +98,7 @@ def test_missing_ade20k_names_paths_and_prepare_command(tmp_path, restore_regist
     assert str(tmp_path / "ADEChallengeData2016" / "images" / "validation") in message
     assert "ADEChallengeData2016.zip" in message and "tools/prepare_ade20k_sem_seg.py" in message
     base, _ = make_fake_ade20k(tmp_path)  # downloaded but not prepared: only the prepare step is asked for
-    with pytest.raises(DatasetNotFoundError, match="Create the Detectron2 labels with `python tools/prepare_ade20k_sem_seg.py"):
+    with pytest.raises(DatasetNotFoundError, match="labels with `python tools/prepare_ade20k_sem_seg.py --root"):
         DatasetCatalog.get("ade20k_sem_seg_train")
     with pytest.raises(DatasetNotFoundError, match="ADE20K"):
         load_tool("prepare_ade20k_sem_seg").main(["--root", str(tmp_path / "nowhere")])
@@ -132,7 +133,8 @@ def test_prepare_voc_registration_and_missing(tmp_path, restore_registrations):
 
 
 def test_shapes_sem_seg_split(tmp_path):
-    images, labels = ensure_shapes_sem_seg_split("tiny", ShapesSplit(num_images=3, image_size=(32, 48), seed=5), tmp_path)
+    split = ShapesSplit(num_images=3, image_size=(32, 48), seed=5)
+    images, labels = ensure_shapes_sem_seg_split("tiny", split, tmp_path)
     assert sorted(p.name for p in images.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     for file in labels.iterdir():
         label = np.asarray(Image.open(file))
@@ -142,7 +144,7 @@ def test_shapes_sem_seg_split(tmp_path):
     np.testing.assert_array_equal(semantic_label((4, 4), [(2, mask)])[1:3, 1:3], 3)
     # deterministic: a second call finds the split and does not rewrite it
     stamp = (labels / "000000.png").stat().st_mtime_ns
-    ensure_shapes_sem_seg_split("tiny", ShapesSplit(num_images=3, image_size=(32, 48), seed=5), tmp_path)
+    ensure_shapes_sem_seg_split("tiny", split, tmp_path)
     assert (labels / "000000.png").stat().st_mtime_ns == stamp
 
 

@@ -50,8 +50,8 @@ def load_voc_sem_seg(root: os.PathLike, split: str) -> List[Dict]:
         how = f"Create the Detectron2 labels with `{PREPARE_COMMAND} --root {root}`."
     require_paths(f"VOC2012 {split}", [root / "JPEGImages", ids_file, root / LABEL_DIR], how)
     ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
-    dicts = [{"file_name": str(root / "JPEGImages" / f"{i}.jpg"), "sem_seg_file_name": str(root / LABEL_DIR / f"{i}.png")}
-             for i in ids]
+    dicts = [{"file_name": str(root / "JPEGImages" / f"{i}.jpg"),
+              "sem_seg_file_name": str(root / LABEL_DIR / f"{i}.png")} for i in ids]
     absent = [d["sem_seg_file_name"] for d in dicts if not os.path.isfile(d["sem_seg_file_name"])]
     if absent:
         raise DatasetNotFoundError(f"dataset 'VOC2012 {split}': {len(absent)} of {len(dicts)} labels missing "
