@@ -14,6 +14,7 @@ runs on :class:`SpikeFPNSemSeg` in ``"mean"`` mode (its outputs are then 4-D).
   (-> bilinear x2)]`` until ``common_stride``; sum; LIF; Dropout2d; 1x1 classifier; mean over T.
   Unlike the original (declared strides 4..32, real 2..16), the head reads the true strides from the
   backbone, and its logits are upsampled by exactly ``common_stride`` back to the input resolution.
+* :func:`build_sem_seg_evaluator`: Detectron2's ``SemSegEvaluator`` with a label reader that works on NumPy 2.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.evaluation import SemSegEvaluator
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, Backbone
 from detectron2.utils.file_io import PathManager
 
