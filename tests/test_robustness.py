@@ -429,3 +429,19 @@ def test_time_steps_below_one_is_a_clear_error():
     from detectron2.modeling import build_model
     with pytest.raises(ValueError, match="T|time_steps"):
         build_model(_mapper_cfg("MODEL.METASPIKE.T", 0))
+
+
+def test_image_sizes_not_divisible_by_32_are_padded():
+    from detectron2.modeling import build_model
+    cfg = _mapper_cfg()
+    model = build_model(cfg).eval()
+    assert model.backbone.size_divisibility == 32
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 70, 50), dtype=torch.uint8).float(), "height": 70,
+                      "width": 50}])
+    inst = out[0]["instances"]
+    assert inst.image_size == (70, 50)
+    if len(inst):
+        assert inst.pred_masks.shape[-2:] == (70, 50)
+        boxes = inst.pred_boxes.tensor
+        assert (boxes[:, 2] <= 50).all() and (boxes[:, 3] <= 70).all()
