@@ -6,6 +6,7 @@ Reads ``<root>/annotations/{training,validation}/*.png`` (0 = "other", 1..150 = 
 Usage: ``python tools/prepare_ade20k_sem_seg.py [--root $DETECTRON2_DATASETS/ADEChallengeData2016]``.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from metaspike_d2.data.ade20k import ADE20K_SPLITS, shift_ade20k_labels
-from metaspike_d2.data.missing import datasets_root, require_paths
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from metaspike_d2.data.ade20k import ADE20K_SPLITS, shift_ade20k_labels  # noqa: E402
+from metaspike_d2.data.missing import datasets_root, require_paths  # noqa: E402
 
 
 def convert_split(root: Path, split: str) -> int:

@@ -6,6 +6,7 @@ writes their indices unchanged to ``<root>/SegmentationClass_detectron2/*.png`` 
 Usage: ``python tools/prepare_voc_sem_seg.py [--root $DETECTRON2_DATASETS/VOCdevkit/VOC2012]``.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from metaspike_d2.data.missing import require_paths
-from metaspike_d2.data.voc import LABEL_DIR, VOC_SEM_SEG_CLASSES, voc_root
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from metaspike_d2.data.missing import require_paths  # noqa: E402
+from metaspike_d2.data.voc import LABEL_DIR, VOC_SEM_SEG_CLASSES, voc_root  # noqa: E402
 
 
 def main(argv=None) -> int:
