@@ -6,12 +6,15 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("detectron2")
-
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = {
     "detection": "configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml",
     "segmentation": "configs/quickstart/semfpn_metaspike_tiny_shapes.yaml",
+}
+# The segmentation quickstart feeds only stem..stage2 to its neck (docs/segmentation.md), so stages 3-4 never run.
+BACKBONE_STAGES = {
+    "detection": {"stem", "stage1", "stage2", "stage3", "stage4"},
+    "segmentation": {"stem", "stage1", "stage2"},
 }
 
 
@@ -25,8 +28,6 @@ def load_tool():
 @pytest.mark.parametrize("task", sorted(CONFIGS))
 def test_config_runs_through_the_tool(task, tmp_path):
     cfg = os.path.join(ROOT, CONFIGS[task])
-    if not os.path.exists(cfg):
-        pytest.skip(f"{CONFIGS[task]} does not exist yet")
     _write_image(tmp_path)
     report = load_tool().main(["--config-file", cfg, "--num-images", "1", "--input-size", "64", "--time-steps", "2",
                                "--output", str(tmp_path), "--image", str(tmp_path / "img.png")])
@@ -36,7 +37,7 @@ def test_config_runs_through_the_tool(task, tmp_path):
     macs = [l for l in layers if l["kind"] == "mac"]
     assert macs and macs[0]["name"].endswith("stem.downsample.conv") and macs[0]["time_steps_run"] == 1
     stages = {l["stage"] for l in layers}
-    assert {"stem", "stage1", "stage2", "stage3", "stage4"} <= stages and len(stages) > 5  # plus neck / heads
+    assert BACKBONE_STAGES[task] <= stages and len(stages) > len(BACKBONE_STAGES[task])  # plus neck / heads
     assert sum(l["energy_mj"] for l in layers) == pytest.approx(data["energy_mj_per_image"], rel=1e-9)
     assert data["energy_mj_per_image"] == pytest.approx(report.totals.energy_mj_per_image)
     for name in ("layers.csv", "firing_rates.png", "spike_maps.png"):
