@@ -445,3 +445,37 @@ def test_image_sizes_not_divisible_by_32_are_padded():
         assert inst.pred_masks.shape[-2:] == (70, 50)
         boxes = inst.pred_boxes.tensor
         assert (boxes[:, 2] <= 50).all() and (boxes[:, 3] <= 70).all()
+
+
+def test_classification_sigkill_after_first_checkpoint_then_resume(tmp_path):
+    """classification/train.py: SIGKILL once checkpoint-last.pth exists, then --resume auto ends at the same
+    last epoch (its checkpoints go through save_atomic)."""
+    from classification.data import make_synthetic_imagefolder
+    synth, out, epochs = tmp_path / "synth", tmp_path / "out", 3
+    make_synthetic_imagefolder(str(synth), train_per_class=2, val_per_class=1)
+    cmd = [sys.executable, str(ROOT / "classification/train.py"), "--model", "metaspikeformer_tiny", "--data-path",
+           "synthetic", "--synthetic-dir", str(synth), "--synthetic-per-class", "2", "1", "--input-size", "32",
+           "--batch-size", "10", "--num-workers", "0", "--warmup-epochs", "0", "--blr", "1e-2", "--no-amp",
+           "--epochs", str(epochs), "--output-dir", str(out)]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    deadline = time.time() + 240
+    try:
+        while not (out / "checkpoint-last.pth").exists():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    killed_at = load_checkpoint_file(out / "checkpoint-last.pth")["epoch"]
+    assert killed_at < epochs - 1
+    resumed = subprocess.run([*cmd, "--resume", "auto"], env=_env(), capture_output=True, text=True, timeout=300,
+                             cwd=str(ROOT))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"continuing at epoch {killed_at + 1}" in resumed.stdout + resumed.stderr
+    assert load_checkpoint_file(out / "checkpoint-last.pth")["epoch"] == epochs - 1
+    epochs_logged = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
+    # (the killed run may die between writing its checkpoint and its log line)
+    assert epochs_logged[-1] == epochs - 1 and set(range(killed_at + 1, epochs)) <= set(epochs_logged)
