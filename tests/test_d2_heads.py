@@ -117,6 +117,7 @@ def test_rpn_head_outputs_detectron2_layout():
 
 def test_neuron_settings_reach_the_heads():
     model = build_model(make_cfg(MASK, "MODEL.METASPIKE.NEURON.V_THRESHOLD", 0.5))
-    lifs = [m for n, m in model.named_modules() if isinstance(m, MultiStepLIF) and not n.startswith("backbone.bottom_up")]
+    lifs = [m for n, m in model.named_modules()
+            if isinstance(m, MultiStepLIF) and not n.startswith("backbone.bottom_up")]
     assert lifs and all(m.v_threshold == 0.5 for m in lifs)
     assert all(m.v_threshold in (1.0, 0.5) for m in model.backbone.bottom_up.modules() if isinstance(m, MultiStepLIF))

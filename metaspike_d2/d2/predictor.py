@@ -78,7 +78,8 @@ class VisualizationDemo:
             rgb = frame[:, :, ::-1]
             if "panoptic_seg" in predictions:
                 panoptic_seg, segments_info = predictions["panoptic_seg"]
-                vis = video_visualizer.draw_panoptic_seg_predictions(rgb, panoptic_seg.to(self.cpu_device), segments_info)
+                vis = video_visualizer.draw_panoptic_seg_predictions(
+                    rgb, panoptic_seg.to(self.cpu_device), segments_info)
             elif "instances" in predictions:
                 vis = video_visualizer.draw_instance_predictions(rgb, predictions["instances"].to(self.cpu_device))
             else:
