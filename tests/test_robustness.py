@@ -479,3 +479,33 @@ def test_classification_sigkill_after_first_checkpoint_then_resume(tmp_path):
     epochs_logged = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
     # (the killed run may die between writing its checkpoint and its log line)
     assert epochs_logged[-1] == epochs - 1 and set(range(killed_at + 1, epochs)) <= set(epochs_logged)
+
+
+def test_d2_resume_continues_the_sample_stream(shapes_runner, tmp_path):
+    """After --resume the loader yields the samples an uninterrupted run would see next (not a restart)."""
+    import itertools
+
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+
+    from metaspike_d2.data.shapes import ShapesSplit, register_shapes_instances
+    if "robust_shapes_train" not in DatasetCatalog.list():
+        register_shapes_instances("robust_shapes_train", "train", ShapesSplit(8, (64, 64), seed=0), shapes_runner[1])
+    train_net = _load_train_net()
+    cfg = _tiny_cfg(train_net, *tiny_train_opts(tmp_path, 10, 2), "SOLVER.IMS_PER_BATCH", "2",
+                    "DATALOADER.NUM_WORKERS", "0", "INPUT.RANDOM_FLIP", "none")
+    np.random.seed(0)  # Detectron2 seeds its TrainingSampler from numpy's global RNG
+    first = train_net.Trainer(cfg)
+    first.resume_or_load(resume=False)
+    assert first.train_sampler.skip == 0
+    first.iter = 4  # as if iterations 0..4 had run (the periodic checkpointer saves the trainer's state)
+    first.checkpointer.save("model_0000004")
+
+    resumed = train_net.Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 5 and resumed.train_sampler.skip == 10  # 5 iterations x 2 images
+    stream = list(itertools.islice(iter(resumed.train_sampler.sampler), 12))
+    assert stream[10:12] != stream[:2], "pick another seed: positions 10-11 equal a restart's 0-1"
+    names = [d["file_name"] for d in DatasetCatalog.get("robust_shapes_train")]
+    batch = next(iter(resumed.data_loader))
+    assert [d["file_name"] for d in batch] == [names[i] for i in stream[10:12]]

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
+from detectron2.data import MetadataCatalog, build_detection_test_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.engine.train_loop import TrainerBase  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -32,7 +32,12 @@ from metaspike_d2.d2 import (  # noqa: E402
     build_optimizer,
 )
 from metaspike_d2.d2.config import maybe_reparameterize  # noqa: E402
-from metaspike_d2.d2.engine import apply_backbone_norm, build_train_loop, create_ddp_model  # noqa: E402
+from metaspike_d2.d2.engine import (  # noqa: E402
+    apply_backbone_norm,
+    build_resumable_train_loader,
+    build_train_loop,
+    create_ddp_model,
+)
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation  # noqa: E402
@@ -63,6 +68,7 @@ class Trainer(DefaultTrainer):
         model = apply_backbone_norm(cfg, self.build_model(cfg))
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        self.train_sampler = data_loader.resumable_sampler  # skips what a resumed run already consumed
         model = create_ddp_model(model, broadcast_buffers=False)
         self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -95,7 +101,14 @@ class Trainer(DefaultTrainer):
         # grayscale / RGBA / palette / 16-bit images converted, unreadable files named (or skipped and
         # counted with DATALOADER.SKIP_BAD_IMAGES); metaspike_d2/data/image_io.py
         mapper = RobustDatasetMapper(cfg, is_train=True, augmentations=augmentations)
-        return build_detection_train_loader(cfg, mapper=mapper)
+        loader, sampler = build_resumable_train_loader(cfg, mapper)
+        loader.resumable_sampler = sampler
+        return loader
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # continue the sample stream: skip the samples this process consumed before the checkpoint
+        self.train_sampler.skip = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

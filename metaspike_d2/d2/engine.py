@@ -9,12 +9,17 @@
   the Meta-SpikeFormer backbone becomes a SyncBatchNorm, BN-and-pad keeping its border,
   :func:`metaspike_d2.blocks.convert_sync_batchnorm`). torch's SyncBatchNorm only runs on GPUs, so
   SyncBN with several CPU processes is refused at build time.
+* :class:`ResumableSampler` / :func:`build_resumable_train_loader`: on ``--resume`` the training sample
+  stream continues where the interrupted run stopped instead of starting over.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
@@ -22,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..backbone import MetaSpikeFormer
 from ..blocks import convert_sync_batchnorm
 
-__all__ = ["create_ddp_model", "build_train_loop", "apply_backbone_norm", "model_device"]
+__all__ = ["create_ddp_model", "build_train_loop", "apply_backbone_norm", "model_device", "ResumableSampler",
+           "build_resumable_train_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +80,32 @@ def apply_backbone_norm(cfg, model: torch.nn.Module) -> torch.nn.Module:
                 module.add_module(child_name, convert_sync_batchnorm(child))
             logger.info("MODEL.METASPIKE.NORM=SyncBN: BatchNorms of %s converted to SyncBatchNorm", name or "model")
     return model
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps Detectron2's infinite training sampler; the first ``skip`` indices of its stream are dropped.
+
+    ``Trainer.resume_or_load`` sets ``skip`` to the number of samples this process consumed before the
+    checkpoint, so a resumed run sees the samples an uninterrupted run would have seen next (exactly so
+    when the stream is seeded, ``SEED >= 0``; Detectron2's own samplers restart from the beginning).
+    It must be set before the loader is first iterated (the training loop iterates lazily, so it is).
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler):
+        super().__init__()
+        self.sampler = sampler
+        self.skip = 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+def build_resumable_train_loader(cfg, mapper):
+    """``build_detection_train_loader(cfg, mapper)`` with its sampler wrapped in :class:`ResumableSampler`.
+
+    Returns ``(loader, sampler)``. Uses Detectron2's own ``_train_loader_from_config`` so that the dataset,
+    the sampler choice (``DATALOADER.SAMPLER_TRAIN``) and every other loader setting stay Detectron2's.
+    """
+    kwargs = _train_loader_from_config(cfg, mapper=mapper)
+    kwargs["sampler"] = ResumableSampler(kwargs["sampler"])
+    return build_detection_train_loader(**kwargs), kwargs["sampler"]
