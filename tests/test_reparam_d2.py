@@ -8,17 +8,14 @@ import os
 
 import pytest
 import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 from torch import nn
 
-pytest.importorskip("detectron2")
-md2 = pytest.importorskip("metaspike_d2.d2")
+import metaspike_d2.d2 as md2
+from metaspike_d2 import reparameterize
 
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-from metaspike_d2 import reparameterize  # noqa: E402
-
-from .test_reparam import TOL, activate  # noqa: E402
+from .test_reparam import TOL, activate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = sorted(glob.glob(os.path.join(ROOT, "configs", "quickstart", "*.yaml")))

@@ -6,8 +6,6 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("detectron2")
-
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("detectron2")
-
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from metaspike_d2.data import DatasetNotFoundError  # noqa: E402
