@@ -64,6 +64,21 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def kill_when_file_appears(cmd, marker, log_path, **popen_kwargs):
+    """Run ``cmd`` and SIGKILL it as soon as ``marker`` exists (it must appear within 240 s)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, **popen_kwargs)
+        deadline = time.time() + 240
+        try:
+            while not marker.exists():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, f"no {marker.name} within 240 s"
+                time.sleep(0.02)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. Atomic checkpoints, kill and resume
 
@@ -101,18 +116,7 @@ def test_d2_sigkill_after_first_checkpoint_then_resume(shapes_runner, tmp_path):
     out, max_iter = tmp_path / "out", 12
     head = [sys.executable, str(runner), str(data_root), "--config-file", QUICKSTART, "--num-gpus", "1"]
     cmd = [*head, *tiny_train_opts(out, max_iter, 3)]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240
-    try:
-        while not (out / "last_checkpoint").exists():
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    kill_when_file_appears(cmd, out / "last_checkpoint", tmp_path / "first.log", start_new_session=True)
     assert not (out / "model_final.pth").exists(), "the run finished before it was killed"
     # What the kill left behind is complete and readable: last_checkpoint points to a full checkpoint.
     last = (out / "last_checkpoint").read_text().strip()
@@ -457,18 +461,7 @@ def test_classification_sigkill_after_first_checkpoint_then_resume(tmp_path):
            "synthetic", "--synthetic-dir", str(synth), "--synthetic-per-class", "2", "1", "--input-size", "32",
            "--batch-size", "10", "--num-workers", "0", "--warmup-epochs", "0", "--blr", "1e-2", "--no-amp",
            "--epochs", str(epochs), "--output-dir", str(out)]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    deadline = time.time() + 240
-    try:
-        while not (out / "checkpoint-last.pth").exists():
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    kill_when_file_appears(cmd, out / "checkpoint-last.pth", tmp_path / "first.log", cwd=str(ROOT))
     killed_at = load_checkpoint_file(out / "checkpoint-last.pth")["epoch"]
     assert killed_at < epochs - 1
     resumed = subprocess.run([*cmd, "--resume", "auto"], env=_env(), capture_output=True, text=True, timeout=300,
