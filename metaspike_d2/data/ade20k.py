@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from .missing import DatasetNotFoundError, datasets_root, require_paths
+from .missing import DatasetNotFoundError, datasets_root, register_sem_seg_dataset, require_paths
 
 __all__ = ["ADE20K_SPLITS", "NUM_CLASSES", "shift_ade20k_labels", "load_ade20k_sem_seg", "register_ade20k_sem_seg"]
 
@@ -67,17 +66,9 @@ def register_ade20k_sem_seg(root: os.PathLike | None = None) -> None:
     """(Re-)register ``ade20k_sem_seg_{train,val}`` under ``root`` (default ``$DETECTRON2_DATASETS``)."""
     root = Path(root if root is not None else datasets_root()) / "ADEChallengeData2016"
     for name, split in ADE20K_SPLITS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=root, s=split: load_ade20k_sem_seg(r, s))
-        MetadataCatalog.get(name).set(
-            stuff_classes=ADE20K_SEM_SEG_CATEGORIES[:],
-            image_root=str(root / "images" / split),
-            sem_seg_root=str(root / "annotations_detectron2" / split),
-            evaluator_type="sem_seg",
-            ignore_label=255,
-        )
+        register_sem_seg_dataset(name, lambda r=root, s=split: load_ade20k_sem_seg(r, s),
+                                 stuff_classes=ADE20K_SEM_SEG_CATEGORIES, image_root=root / "images" / split,
+                                 sem_seg_root=root / "annotations_detectron2" / split)
 
 
 register_ade20k_sem_seg()

@@ -17,9 +17,7 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
-from .missing import DatasetNotFoundError, datasets_root, require_paths
+from .missing import DatasetNotFoundError, datasets_root, register_sem_seg_dataset, require_paths
 
 __all__ = ["VOC_SEM_SEG_CLASSES", "VOC_SPLITS", "voc_root", "load_voc_sem_seg", "register_voc_sem_seg"]
 
@@ -63,17 +61,9 @@ def register_voc_sem_seg(root: os.PathLike | None = None) -> None:
     """(Re-)register ``voc_2012_sem_seg_{train,val}`` under ``root`` (default ``$DETECTRON2_DATASETS``)."""
     base = voc_root(root)
     for name, split in VOC_SPLITS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=base, s=split: load_voc_sem_seg(r, s))
-        MetadataCatalog.get(name).set(
-            stuff_classes=VOC_SEM_SEG_CLASSES[:],
-            image_root=str(base / "JPEGImages"),
-            sem_seg_root=str(base / LABEL_DIR),
-            evaluator_type="sem_seg",
-            ignore_label=255,
-        )
+        register_sem_seg_dataset(name, lambda r=base, s=split: load_voc_sem_seg(r, s),
+                                 stuff_classes=VOC_SEM_SEG_CLASSES, image_root=base / "JPEGImages",
+                                 sem_seg_root=base / LABEL_DIR)
 
 
 register_voc_sem_seg()
