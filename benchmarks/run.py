@@ -25,7 +25,6 @@ The table is printed and everything is written as JSON to ``--output``.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import neuron, surrogate
-from torch import nn
 
 __all__ = ["MultiStepLIF", "lif_inference_cpu", "seq_apply", "repeat_over_time", "mean_over_time"]
 
