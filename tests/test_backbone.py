@@ -170,11 +170,17 @@ def test_drop_path_is_applied_in_training():
     x = torch.randn(2, 8, 96, 2, 2)
     torch.manual_seed(0)
     outs = [block.drop_path(x) for _ in range(20)]
-    kept = [bool((o != 0).any()) for o in outs]
-    assert not all(kept) or any(not torch.equal(o, x) for o in outs)
-    # one decision per sample, shared across all T steps
+    rate = block.drop_path.rate
+    dropped = kept = 0
     for o in outs:
         per_sample = (o != 0).flatten(2).any(-1)  # (T, B)
-        assert (per_sample == per_sample[0]).all()
+        assert (per_sample == per_sample[0]).all()  # one decision per sample, shared across all T steps
+        for b in range(x.shape[1]):
+            if per_sample[0, b]:  # kept samples are rescaled by 1 / (1 - rate)
+                assert torch.allclose(o[:, b], x[:, b] / (1 - rate), atol=1e-6)
+                kept += 1
+            else:
+                dropped += 1
+    assert 0.3 < dropped / (dropped + kept) < 0.7  # 160 draws at rate 0.5
     block.eval()
     assert torch.equal(block.drop_path(x), x)
