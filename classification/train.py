@@ -65,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="main head on spikes (released code) or pre-LIF membrane (before d95ad13; spec 4.6)")
     g.add_argument("--num-heads", type=int, default=8,
                    help="SDSA heads (the original's 8); changes no weight shape, so use the same value downstream")
+    g.add_argument("--attn-proj-bn-eps", type=float, default=1e-5,
+                   help="eps of the BNs in each SDSA output projection (the original's 1e-5; 0.1 keeps training "
+                   "from scratch at small inputs stable); changes no weight shape, so use the same value downstream")
     g.add_argument("--drop-path", type=float, default=0.0, help="drop-path rate (the original's 0.1 never reached the model)")
     g.add_argument("--finetune", default="", help="initialise from this checkpoint's weights (e.g. the T=1 run); "
                    "only head_kd may be missing (it starts from its init, as in the original)")
@@ -210,7 +213,8 @@ def load_finetune_weights(model, path: str) -> None:
 
 def build_model(args, num_classes: int, kd: bool):
     model = timm.create_model(args.model, num_classes=num_classes, T=args.time_steps, kd=kd,
-                              drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads)
+                              drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads,
+                              attn_proj_bn_eps=args.attn_proj_bn_eps)
     return model
 
 

@@ -18,6 +18,7 @@ features sit at 4/8/16/32 as FPN anchors and RoI pooling assume (docs/deviations
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
@@ -80,6 +81,8 @@ class MetaSpikeFormer(nn.Module):
         in_chans: input channels of the encoding conv.
         num_heads: SDSA heads in stages 3 and 4.
         drop_path_rate: stochastic depth, linearly increasing over the 8 transformer blocks.
+        attn_proj_bn_eps: eps of the BNs in each SDSA output projection (the original's 1e-5; 0.1 keeps
+            training from scratch stable at small inputs, see :class:`SpikeDrivenSelfAttention`).
         stage4_stride: 1 (the paper, stride 16) or 2 (stride 32, used for detection).
         out_features: which of :data:`FEATURE_NAMES` ``forward`` returns; computing stops after the last.
 
@@ -95,6 +98,7 @@ class MetaSpikeFormer(nn.Module):
         in_chans: int = 3,
         num_heads: int = 8,
         drop_path_rate: float = 0.0,
+        attn_proj_bn_eps: float = 1e-5,
         stage4_stride: int = 1,
         out_features: Sequence[str] = ("stage4",),
     ):
@@ -114,9 +118,9 @@ class MetaSpikeFormer(nn.Module):
         self.stem = Stage(Downsample(in_chans, c0 // 2, 7, 2, 3, spiking_input=False), [ConvBlock(c0 // 2)])
         self.stage1 = Stage(Downsample(c0 // 2, c0), [ConvBlock(c0)])
         self.stage2 = Stage(Downsample(c0, c1), [ConvBlock(c1), ConvBlock(c1)])
-        self.stage3 = Stage(Downsample(c1, c2), [TransformerBlock(c2, num_heads, drop_path=dpr[i]) for i in range(6)])
-        self.stage4 = Stage(Downsample(c2, c3, stride=stage4_stride),
-                            [TransformerBlock(c3, num_heads, drop_path=dpr[6 + i]) for i in range(2)])
+        block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps)
+        self.stage3 = Stage(Downsample(c1, c2), [block(c2, drop_path=dpr[i]) for i in range(6)])
+        self.stage4 = Stage(Downsample(c2, c3, stride=stage4_stride), [block(c3, drop_path=dpr[6 + i]) for i in range(2)])
 
         strides = (2, 4, 8, 16, 16 * stage4_stride)
         channels = (c0 // 2, c0, c1, c2, c3)

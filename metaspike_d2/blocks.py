@@ -171,9 +171,16 @@ class SpikeDrivenSelfAttention(nn.Module):
     ``Q, K, V = LIF(BN(RepConv(LIF(x))))`` are binary; per head (``d_h = C / heads``) the product is
     linear attention evaluated as ``Q (K^T V)`` times a fixed ``scale`` (0.125 for every width, as in the
     original), spiked by a neuron with threshold 0.5, then projected by ``BN(RepConv(.))``.
+
+    ``proj_bn_eps`` is the eps of the three BatchNorms of that projection (the original's 1e-5). While the
+    attention neuron is silent (at initialization with few tokens, e.g. a small model on small images)
+    those BNs see a constant input and each multiplies the gradient by ``1/sqrt(eps)`` (316), 3e7 over
+    the chain; 0.1 caps it at about 3 per BN (docs/deviations.md). Weights trained with one eps should be
+    used with the same eps.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, attn_threshold: float = 0.5):
+    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, attn_threshold: float = 0.5,
+                 proj_bn_eps: float = 1e-5):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"SDSA width {dim} is not divisible by num_heads={num_heads}")
@@ -185,6 +192,8 @@ class SpikeDrivenSelfAttention(nn.Module):
         self.v_conv, self.v_bn, self.v_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF()
         self.attn_lif = MultiStepLIF(v_threshold=attn_threshold)
         self.proj_conv, self.proj_bn = RepConv(dim, dim), nn.BatchNorm2d(dim)
+        for bn in (self.proj_conv.bn_pad, self.proj_conv.bn, self.proj_bn):
+            bn.eps = proj_bn_eps
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:
         """``(T, B, C, H, W) -> (T, B, heads, N, d_h)`` with head-major channels."""
@@ -234,9 +243,10 @@ class TransformerBlock(nn.Module):
     Drop-path is applied (the original built it but never called it; docs/deviations.md).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4, drop_path: float = 0.0,
+                 attn_proj_bn_eps: float = 1e-5):
         super().__init__()
-        self.attn = SpikeDrivenSelfAttention(dim, num_heads)
+        self.attn = SpikeDrivenSelfAttention(dim, num_heads, proj_bn_eps=attn_proj_bn_eps)
         self.mlp = SpikeMLP(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path)
 

@@ -45,9 +45,11 @@ class MetaSpikeFormerClassifier(MetaSpikeFormer):
         num_heads: int = 8,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        attn_proj_bn_eps: float = 1e-5,
     ):
         super().__init__(widths, variant=variant, time_steps=time_steps, in_chans=in_chans,
-                         num_heads=num_heads, drop_path_rate=drop_path_rate, out_features=("stage4",))
+                         num_heads=num_heads, drop_path_rate=drop_path_rate, attn_proj_bn_eps=attn_proj_bn_eps,
+                         out_features=("stage4",))
         if head_input not in ("spikes", "membrane"):
             raise ValueError(f"head_input must be 'spikes' or 'membrane', got {head_input!r}")
         self.head_input = head_input
