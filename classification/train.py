@@ -68,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn-proj-bn-eps", type=float, default=1e-5,
                    help="eps of the BNs in each SDSA output projection (the original's 1e-5; 0.1 keeps training "
                    "from scratch at small inputs stable); changes no weight shape, so use the same value downstream")
+    g.add_argument("--v-threshold", type=float, default=1.0,
+                   help="firing threshold of the backbone neurons (the original's 1.0; attention neurons get half); "
+                   "changes no weight shape, so use the same value downstream")
     g.add_argument("--drop-path", type=float, default=0.0, help="drop-path rate (the original's 0.1 never reached the model)")
     g.add_argument("--finetune", default="", help="initialise from this checkpoint's weights (e.g. the T=1 run); "
                    "only head_kd may be missing (it starts from its init, as in the original)")
@@ -214,7 +217,7 @@ def load_finetune_weights(model, path: str) -> None:
 def build_model(args, num_classes: int, kd: bool):
     model = timm.create_model(args.model, num_classes=num_classes, T=args.time_steps, kd=kd,
                               drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads,
-                              attn_proj_bn_eps=args.attn_proj_bn_eps)
+                              attn_proj_bn_eps=args.attn_proj_bn_eps, v_threshold=args.v_threshold)
     return model
 
 

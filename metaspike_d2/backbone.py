@@ -81,6 +81,8 @@ class MetaSpikeFormer(nn.Module):
         in_chans: input channels of the encoding conv.
         num_heads: SDSA heads in stages 3 and 4.
         drop_path_rate: stochastic depth, linearly increasing over the 8 transformer blocks.
+        v_threshold: firing threshold of the backbone's LIF neurons (the original's 1.0; the attention
+            neurons get half of it, as the original's 0.5). Lower values fire more at initialization.
         attn_proj_bn_eps: eps of the BNs in each SDSA output projection (the original's 1e-5; 0.1 keeps
             training from scratch stable at small inputs, see :class:`SpikeDrivenSelfAttention`).
         stage4_stride: 1 (the paper, stride 16) or 2 (stride 32, used for detection).
@@ -99,6 +101,7 @@ class MetaSpikeFormer(nn.Module):
         num_heads: int = 8,
         drop_path_rate: float = 0.0,
         attn_proj_bn_eps: float = 1e-5,
+        v_threshold: float = 1.0,
         stage4_stride: int = 1,
         out_features: Sequence[str] = ("stage4",),
     ):
@@ -115,12 +118,15 @@ class MetaSpikeFormer(nn.Module):
         self.out_features = tuple(f for f in FEATURE_NAMES if f in out_features)
 
         dpr = torch.linspace(0, drop_path_rate, 8).tolist()
-        self.stem = Stage(Downsample(in_chans, c0 // 2, 7, 2, 3, spiking_input=False), [ConvBlock(c0 // 2)])
-        self.stage1 = Stage(Downsample(c0 // 2, c0), [ConvBlock(c0)])
-        self.stage2 = Stage(Downsample(c0, c1), [ConvBlock(c1), ConvBlock(c1)])
-        block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps)
-        self.stage3 = Stage(Downsample(c1, c2), [block(c2, drop_path=dpr[i]) for i in range(6)])
-        self.stage4 = Stage(Downsample(c2, c3, stride=stage4_stride), [block(c3, drop_path=dpr[6 + i]) for i in range(2)])
+        self.v_threshold = v_threshold
+        down = partial(Downsample, v_threshold=v_threshold)
+        conv = partial(ConvBlock, v_threshold=v_threshold)
+        block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps, v_threshold=v_threshold)
+        self.stem = Stage(down(in_chans, c0 // 2, 7, 2, 3, spiking_input=False), [conv(c0 // 2)])
+        self.stage1 = Stage(down(c0 // 2, c0), [conv(c0)])
+        self.stage2 = Stage(down(c0, c1), [conv(c1), conv(c1)])
+        self.stage3 = Stage(down(c1, c2), [block(c2, drop_path=dpr[i]) for i in range(6)])
+        self.stage4 = Stage(down(c2, c3, stride=stage4_stride), [block(c3, drop_path=dpr[6 + i]) for i in range(2)])
 
         strides = (2, 4, 8, 16, 16 * stage4_stride)
         channels = (c0 // 2, c0, c1, c2, c3)

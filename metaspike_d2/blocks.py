@@ -108,13 +108,13 @@ class SepConv(nn.Module):
     ``LIF -> 1x1 conv C->2C -> BN -> LIF -> depthwise 7x7 -> 1x1 conv 2C->C -> BN``.
     """
 
-    def __init__(self, dim: int, expansion: int = 2, kernel_size: int = 7):
+    def __init__(self, dim: int, expansion: int = 2, kernel_size: int = 7, v_threshold: float = 1.0):
         super().__init__()
         hidden = expansion * dim
-        self.lif1 = MultiStepLIF()
+        self.lif1 = MultiStepLIF(v_threshold)
         self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.lif2 = MultiStepLIF()
+        self.lif2 = MultiStepLIF(v_threshold)
         self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False)
         self.pwconv2 = nn.Conv2d(hidden, dim, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(dim)
@@ -148,14 +148,14 @@ class ConvBlock(nn.Module):
         x = x + BN(Conv3x3_{4C->C}(LIF(BN(Conv3x3_{C->4C}(LIF(x))))))
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4):
+    def __init__(self, dim: int, mlp_ratio: int = 4, v_threshold: float = 1.0):
         super().__init__()
         hidden = mlp_ratio * dim
-        self.sepconv = SepConv(dim)
-        self.lif1 = MultiStepLIF()
+        self.sepconv = SepConv(dim, v_threshold=v_threshold)
+        self.lif1 = MultiStepLIF(v_threshold)
         self.conv1 = nn.Conv2d(dim, hidden, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.lif2 = MultiStepLIF()
+        self.lif2 = MultiStepLIF(v_threshold)
         self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(dim)
 
@@ -179,17 +179,17 @@ class SpikeDrivenSelfAttention(nn.Module):
     used with the same eps.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, attn_threshold: float = 0.5,
-                 proj_bn_eps: float = 1e-5):
+    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, v_threshold: float = 1.0,
+                 attn_threshold: float = 0.5, proj_bn_eps: float = 1e-5):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"SDSA width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.scale = scale
-        self.head_lif = MultiStepLIF()
-        self.q_conv, self.q_bn, self.q_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF()
-        self.k_conv, self.k_bn, self.k_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF()
-        self.v_conv, self.v_bn, self.v_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF()
+        self.head_lif = MultiStepLIF(v_threshold)
+        self.q_conv, self.q_bn, self.q_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF(v_threshold)
+        self.k_conv, self.k_bn, self.k_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF(v_threshold)
+        self.v_conv, self.v_bn, self.v_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF(v_threshold)
         self.attn_lif = MultiStepLIF(v_threshold=attn_threshold)
         self.proj_conv, self.proj_bn = RepConv(dim, dim), nn.BatchNorm2d(dim)
         for bn in (self.proj_conv.bn_pad, self.proj_conv.bn, self.proj_bn):
@@ -220,13 +220,13 @@ class SpikeMLP(nn.Module):
     reshapes the weights), and keeps every layer of the network 4-D.
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4):
+    def __init__(self, dim: int, mlp_ratio: int = 4, v_threshold: float = 1.0):
         super().__init__()
         hidden = mlp_ratio * dim
-        self.lif1 = MultiStepLIF()
+        self.lif1 = MultiStepLIF(v_threshold)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.lif2 = MultiStepLIF()
+        self.lif2 = MultiStepLIF(v_threshold)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.bn2 = nn.BatchNorm2d(dim)
 
@@ -244,10 +244,12 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4, drop_path: float = 0.0,
-                 attn_proj_bn_eps: float = 1e-5):
+                 attn_proj_bn_eps: float = 1e-5, v_threshold: float = 1.0):
         super().__init__()
-        self.attn = SpikeDrivenSelfAttention(dim, num_heads, proj_bn_eps=attn_proj_bn_eps)
-        self.mlp = SpikeMLP(dim, mlp_ratio)
+        # the attention neuron keeps the original's ratio to the others (0.5 : 1)
+        self.attn = SpikeDrivenSelfAttention(dim, num_heads, v_threshold=v_threshold, attn_threshold=0.5 * v_threshold,
+                                             proj_bn_eps=attn_proj_bn_eps)
+        self.mlp = SpikeMLP(dim, mlp_ratio, v_threshold=v_threshold)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,9 +267,9 @@ class Downsample(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 2,
-                 padding: int = 1, spiking_input: bool = True):
+                 padding: int = 1, spiking_input: bool = True, v_threshold: float = 1.0):
         super().__init__()
-        self.lif = MultiStepLIF() if spiking_input else None
+        self.lif = MultiStepLIF(v_threshold) if spiking_input else None
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
         self.bn = nn.BatchNorm2d(out_channels)
 

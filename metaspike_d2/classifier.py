@@ -46,15 +46,16 @@ class MetaSpikeFormerClassifier(MetaSpikeFormer):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_proj_bn_eps: float = 1e-5,
+        v_threshold: float = 1.0,
     ):
         super().__init__(widths, variant=variant, time_steps=time_steps, in_chans=in_chans,
                          num_heads=num_heads, drop_path_rate=drop_path_rate, attn_proj_bn_eps=attn_proj_bn_eps,
-                         out_features=("stage4",))
+                         v_threshold=v_threshold, out_features=("stage4",))
         if head_input not in ("spikes", "membrane"):
             raise ValueError(f"head_input must be 'spikes' or 'membrane', got {head_input!r}")
         self.head_input = head_input
         self.num_features = self.widths[3]
-        self.lif = MultiStepLIF()
+        self.lif = MultiStepLIF(v_threshold)
         self.head_drop = nn.Dropout(drop_rate)
         self.kd = kd
         self.reset_classifier(num_classes)

@@ -30,6 +30,10 @@ def add_metaspike_config(cfg: CN) -> None:
     # small inputs the attention neurons are silent at first and these BNs then multiply the gradient by
     # 1/sqrt(eps) each, so the quickstarts use 0.1. Keep the value the backbone weights were trained with.
     _C.MODEL.METASPIKE.ATTN_PROJ_BN_EPS = 1e-5
+    # Firing threshold of the backbone's LIF neurons (the attention neurons get half). 1.0 is the
+    # original's; the from-scratch quickstarts use 0.5 so that more neurons fire early in training.
+    # Keep the value the backbone weights were trained with.
+    _C.MODEL.METASPIKE.BACKBONE_V_THRESHOLD = 1.0
     # Stride of the stage-4 downsample: 2 puts stage 4 at stride 32 (features at 4/8/16/32, the
     # detection default); 1 is the paper's backbone (stage 4 at stride 16, like stage 3), in which
     # case the FPN must be built from features at 4/8/16 (e.g. stage1, stage2, stage4).
@@ -42,7 +46,7 @@ def add_metaspike_config(cfg: CN) -> None:
     #            (registered names MetaSpike*), logits averaged over T;
     #   False -> the backbone features are averaged over T, then Detectron2's stock FPN and heads.
     _C.MODEL.METASPIKE.SPIKING_HEADS = True
-    # Neurons of the spiking neck and heads (the backbone keeps the paper's values).
+    # Neurons of the spiking neck and heads (the backbone's threshold is BACKBONE_V_THRESHOLD).
     _C.MODEL.METASPIKE.NEURON = CN()
     # Firing threshold V_th (at T=1 a neuron fires iff its input >= 2 * V_th).
     _C.MODEL.METASPIKE.NEURON.V_THRESHOLD = 1.0

@@ -1,15 +1,18 @@
-"""attn_proj_bn_eps: the eps of the SDSA output-projection BNs, and why the quickstarts raise it.
+"""The two backbone options the from-scratch quickstarts change; defaults are the original's (the
+equivalence tests in test_checkpoint.py run with them).
 
-While the attention neuron is silent, the projection's three BNs see a constant input (zero batch
-variance) and each multiplies the gradient by 1/sqrt(eps); the gradient reaching the block input then
-scales as eps^(-3/2) exactly. The default stays the original's 1e-5 (the equivalence tests use it).
+attn_proj_bn_eps: while the attention neuron is silent, the SDSA projection's three BNs see a constant
+input (zero batch variance) and each multiplies the gradient by 1/sqrt(eps); the gradient reaching the
+block input then scales as eps^(-3/2) exactly.
+
+v_threshold: the firing threshold of every backbone neuron, the attention neurons at half of it.
 """
 import pytest
 import timm
 import torch
 from torch import nn
 
-from metaspike_d2 import MetaSpikeFormer, reparameterize
+from metaspike_d2 import MetaSpikeFormer, MultiStepLIF, reparameterize
 from metaspike_d2.blocks import SpikeDrivenSelfAttention
 from metaspike_d2.classifier import MetaSpikeFormerClassifier
 from tests.test_reparam import activate
@@ -54,8 +57,38 @@ def test_option_reaches_only_the_projection_bns_through_timm_and_d2():
     add_metaspike_config(cfg)
     cfg.MODEL.METASPIKE.VARIANT = "tiny"
     cfg.MODEL.METASPIKE.ATTN_PROJ_BN_EPS = 0.1
+    cfg.MODEL.METASPIKE.BACKBONE_V_THRESHOLD = 0.5
     backbone = build_metaspike_backbone(cfg, ShapeSpec(channels=3))
     assert {m.proj_bn.eps for m in backbone.modules() if isinstance(m, SpikeDrivenSelfAttention)} == {0.1}
+    assert {n.rsplit(".", 1)[-1] == "attn_lif": m.v_threshold for n, m in backbone.named_modules()
+            if isinstance(m, MultiStepLIF)} == {True: 0.25, False: 0.5}
+
+
+def thresholds(model):
+    return {(n.rsplit(".", 1)[-1] == "attn_lif", m.v_threshold) for n, m in model.named_modules()
+            if isinstance(m, MultiStepLIF)}
+
+
+def test_v_threshold_sets_every_backbone_neuron_and_halves_the_attention_ones():
+    assert thresholds(MetaSpikeFormer(variant="tiny")) == {(False, 1.0), (True, 0.5)}  # the original's
+    model = timm.create_model("metaspikeformer_tiny", num_classes=3, v_threshold=0.5)
+    assert thresholds(model) == {(False, 0.5), (True, 0.25)}  # the classifier head's neuron included
+    # head 1, 4 ConvBlocks x 4, 4 spiking downsamples, 8 transformer blocks x (SDSA 5 + MLP 2)
+    assert sum(isinstance(m, MultiStepLIF) for m in model.modules()) == 1 + 4 * 4 + 4 + 8 * 7
+
+
+def test_a_lower_threshold_fires_more_at_initialization():
+    x = torch.randn(4, 3, 64, 64)
+    rates = {}
+    for v in (1.0, 0.5):
+        torch.manual_seed(0)  # the same weights for both
+        model = MetaSpikeFormer(variant="tiny", v_threshold=v, out_features=("stage2",)).train()
+        spikes = []
+        model.stage2.blocks[0].sepconv.lif1.register_forward_hook(lambda m, i, o: spikes.append(o))
+        with torch.no_grad():
+            model(x)
+        rates[v] = spikes[0].mean().item()
+    assert 0 < rates[1.0] < rates[0.5] / 3  # BN'd input ~ N(0, 1): P(x >= 2) ~ 2% vs P(x >= 1) ~ 16%
 
 
 def test_reparameterization_stays_exact_with_a_large_eps():
