@@ -118,7 +118,6 @@ class MetaSpikeFormer(nn.Module):
         self.out_features = tuple(f for f in FEATURE_NAMES if f in out_features)
 
         dpr = torch.linspace(0, drop_path_rate, 8).tolist()
-        self.v_threshold = v_threshold
         down = partial(Downsample, v_threshold=v_threshold)
         conv = partial(ConvBlock, v_threshold=v_threshold)
         block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps, v_threshold=v_threshold)

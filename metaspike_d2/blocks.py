@@ -170,7 +170,8 @@ class SpikeDrivenSelfAttention(nn.Module):
 
     ``Q, K, V = LIF(BN(RepConv(LIF(x))))`` are binary; per head (``d_h = C / heads``) the product is
     linear attention evaluated as ``Q (K^T V)`` times a fixed ``scale`` (0.125 for every width, as in the
-    original), spiked by a neuron with threshold 0.5, then projected by ``BN(RepConv(.))``.
+    original), spiked by a neuron with threshold ``attn_threshold`` (0.5), then projected by ``BN(RepConv(.))``.
+    ``v_threshold`` is the threshold of the other four neurons (input, Q, K, V; the original's 1.0).
 
     ``proj_bn_eps`` is the eps of the three BatchNorms of that projection (the original's 1e-5). While the
     attention neuron is silent (at initialization with few tokens, e.g. a small model on small images)

@@ -28,11 +28,12 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.DROP_PATH_RATE = 0.0
     # Eps of the three BatchNorms in each SDSA output projection. 1e-5 is the original's; from scratch at
     # small inputs the attention neurons are silent at first and these BNs then multiply the gradient by
-    # 1/sqrt(eps) each, so the quickstarts use 0.1. Keep the value the backbone weights were trained with.
+    # 1/sqrt(eps) each, so the detection and classification quickstarts use 0.1. Keep the value the
+    # backbone weights were trained with.
     _C.MODEL.METASPIKE.ATTN_PROJ_BN_EPS = 1e-5
     # Firing threshold of the backbone's LIF neurons (the attention neurons get half). 1.0 is the
-    # original's; the from-scratch quickstarts use 0.5 so that more neurons fire early in training.
-    # Keep the value the backbone weights were trained with.
+    # original's; the detection and classification quickstarts use 0.5 so that more neurons fire early
+    # in training. Keep the value the backbone weights were trained with.
     _C.MODEL.METASPIKE.BACKBONE_V_THRESHOLD = 1.0
     # Stride of the stage-4 downsample: 2 puts stage 4 at stride 32 (features at 4/8/16/32, the
     # detection default); 1 is the paper's backbone (stage 4 at stride 16, like stage 3), in which
