@@ -16,6 +16,12 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
               ``mask_rcnn_R_50_FPN_3x``), all built without weights.
 ``train``     one training step (forward with losses, backward, SGD step) of the same Mask R-CNNs on
               one ``--det-size`` image with 3 random boxes and masks.
+``quickstart`` one training step of the detection quickstart (configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml:
+              2 images of 160x160, AdamW) in three forms, each with its own model and optimizer:
+              ``sj LIF + AdamW``    neurons on spikingjelly's CPU op, torch's default (for-loop) AdamW: the
+                                    baseline (the quickstart before the CPU training kernels);
+              ``CPU LIF + AdamW``   neurons on ``LIFSurrogateCPU``;
+              ``CPU LIF + fused``   and the fused AdamW that ``build_optimizer`` uses (the default).
 
 Each case: one warm-up, then ``--reps`` repetitions, interleaved round-robin with the cases it is
 compared to. Reported: median wall time, median process CPU time, peak resident-memory increase
@@ -46,11 +52,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def with_spikingjelly_lif(fn):
     """Run ``fn`` with every MultiStepLIF on spikingjelly's CPU path (the pre-issue-8 behaviour)."""
     def run():
-        MultiStepLIF.cpu_inference_kernel = False
+        MultiStepLIF.cpu_kernel = False
         try:
             return fn()
         finally:
-            MultiStepLIF.cpu_inference_kernel = True
+            MultiStepLIF.cpu_kernel = True
     return run
 
 
@@ -145,29 +151,61 @@ def _train_inputs(size):
              "instances": inst}]
 
 
-def bench_train(args, rows):
+def _training_step(model, opt, batch):
+    """One Detectron2 training step as a callable: forward with losses, backward, optimizer step."""
     from detectron2.utils.events import EventStorage
 
+    def step():
+        with EventStorage(0):  # Detectron2's losses log into an event storage
+            losses = model(batch)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+    return step
+
+
+def bench_train(args, rows):
     batch = _train_inputs(args.det_size)
     cases = {}
     for name, cfg in _detectors().items():
         model = _build(cfg).train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-
-        def step(model=model, opt=opt):
-            with EventStorage(0):  # Detectron2's losses log into an event storage
-                losses = model(batch)
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return float(loss)
-
-        cases[name] = step
+        cases[name] = _training_step(model, opt, batch)
     print(f"[train] {list(cases)} ...", flush=True)
     res = measure_interleaved(cases, reps=args.train_reps)
     for name, r in res.items():
         rows.append(_row("train", name, r, input=f"{args.det_size}x{args.det_size}"))
+
+
+def bench_quickstart(args, rows):
+    from metaspike_d2.d2 import build_optimizer
+
+    cfg = _d2_cfg(os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_metaspike_tiny_shapes.yaml"))
+    batch = []
+    for i in range(cfg.SOLVER.IMS_PER_BATCH):
+        image = _train_inputs(160)[0]
+        image["instances"].gt_classes = torch.tensor([0, 1, 2])
+        image["image"] = image["image"].roll(40 * i, dims=-1)
+        batch.append(image)
+
+    def make_step(sj_lif: bool, fused: bool):
+        model = _build(cfg).train()
+        opt = build_optimizer(cfg, model)
+        if not fused:
+            opt.defaults["fused"] = False
+            for group in opt.param_groups:
+                group["fused"] = False
+        step = _training_step(model, opt, batch)
+        return with_spikingjelly_lif(step) if sj_lif else step
+
+    cases = {"sj LIF + AdamW": make_step(True, False), "CPU LIF + AdamW": make_step(False, False),
+             "CPU LIF + fused": make_step(False, True)}
+    print(f"[quickstart] {list(cases)} ...", flush=True)
+    res = measure_interleaved(cases, reps=args.quickstart_reps, warmup=3)
+    for name, r in res.items():
+        rows.append(_row("quickstart", name, r, input="2x160x160"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,6 +222,11 @@ def ratios(rows):
                         "speedup_vs_train_sj_cpu": base["median_cpu_s"] / r["median_cpu_s"],
                         "T4_over_T1_wall": (r["median_s"] / t1["median_s"]) if r["T"] == 4 else None,
                         "T4_over_T1_cpu": (r["median_cpu_s"] / t1["median_cpu_s"]) if r["T"] == 4 else None})
+        elif r["part"] == "quickstart":
+            base = key[("quickstart", None, None, "sj LIF + AdamW")]
+            out.append({"part": "quickstart", "case": r["case"],
+                        "speedup_vs_baseline_wall": base["median_s"] / r["median_s"],
+                        "speedup_vs_baseline_cpu": base["median_cpu_s"] / r["median_cpu_s"]})
         else:
             base = key.get((r["part"], None, None, "R50-FPN"))
             if base is not None:
@@ -196,7 +239,7 @@ def ratios(rows):
 def print_table(rows, rats, info):
     print(f"\n# {info['time_utc']} UTC, {info['torch_threads']} threads, torch {info['torch']}; {info['uptime']}")
     rat = {(q["part"], q.get("variant"), q.get("T"), q["case"]): q for q in rats}
-    print(f"{'part':9} {'case':28} {'T':>2} {'wall ms':>9} {'cpu ms':>9} {'peak MiB':>8}  ratios (wall | cpu)")
+    print(f"{'part':10} {'case':28} {'T':>2} {'wall ms':>9} {'cpu ms':>9} {'peak MiB':>8}  ratios (wall | cpu)")
     for r in rows:
         q = rat.get((r["part"], r.get("variant"), r.get("T"), r["case"]), {})
         name = f"{r.get('variant', '')} {r['case']}".strip()
@@ -204,25 +247,28 @@ def print_table(rows, rats, info):
             note = f"x{q['speedup_vs_train_sj_wall']:.2f} | x{q['speedup_vs_train_sj_cpu']:.2f} vs train/sj"
             if r["T"] == 4:
                 note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
+        elif r["part"] == "quickstart":
+            note = f"x{q['speedup_vs_baseline_wall']:.2f} | x{q['speedup_vs_baseline_cpu']:.2f} vs sj LIF + AdamW"
         elif q:
             note = f"{q['time_over_R50_wall']:.2f} | {q['time_over_R50_cpu']:.2f} of R50-FPN time"
         else:
             note = ""
         mem = r["peak_mem_mib"] if r["peak_mem_mib"] is not None else "-"
-        print(f"{r['part']:9} {name:28} {r.get('T', ''):>2} {r['median_s'] * 1e3:9.0f} "
+        print(f"{r['part']:10} {name:28} {r.get('T', ''):>2} {r['median_s'] * 1e3:9.0f} "
               f"{r['median_cpu_s'] * 1e3:9.0f} {mem:>8}  {note}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="JSON file to write")
-    parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train"],
-                        choices=["backbone", "maskrcnn", "train"])
+    parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart"],
+                        choices=["backbone", "maskrcnn", "train", "quickstart"])
     parser.add_argument("--variants", nargs="+", default=["15m", "55m"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--det-size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--train-reps", type=int, default=2)
+    parser.add_argument("--quickstart-reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -231,7 +277,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     info = machine_info()
     rows = []
-    parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train}
+    parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train,
+             "quickstart": bench_quickstart}
     for part in args.parts:
         parts[part](args, rows)
         gc.collect()

@@ -15,7 +15,7 @@ import torch
 from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import neuron, surrogate
 
-__all__ = ["MultiStepLIF", "lif_inference_cpu", "seq_apply", "repeat_over_time", "mean_over_time"]
+__all__ = ["MultiStepLIF", "LIFSurrogateCPU", "lif_inference_cpu", "seq_apply", "repeat_over_time", "mean_over_time"]
 
 
 class MultiStepLIF(neuron.LIFNode):
@@ -44,15 +44,19 @@ class MultiStepLIF(neuron.LIFNode):
             step_mode="m",
         )
 
-    #: Use :func:`lif_inference_cpu` on the CPU when no gradient is needed (bit-identical spikes, no
-    #: surrogate bookkeeping). Set to False to time spikingjelly's CPU path (benchmarks/run.py does).
-    cpu_inference_kernel: bool = True
+    #: On the CPU, use this project's LIF kernels instead of spikingjelly's torch path: without autograd
+    #: :func:`lif_inference_cpu` (bit-identical spikes, no surrogate bookkeeping), with autograd
+    #: :class:`LIFSurrogateCPU` (bit-identical spikes, the same surrogate gradient, ~3x less time per
+    #: neuron at T=1). Set to False to time spikingjelly's CPU path (benchmarks/run.py does). CUDA
+    #: always uses spikingjelly's fused kernels.
+    cpu_kernel: bool = True
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if x_seq.dim() < 2:
             raise ValueError(f"MultiStepLIF expects a (T, B, ...) tensor, got shape {tuple(x_seq.shape)}")
-        if (self.cpu_inference_kernel and x_seq.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x_seq.requires_grad)):
+        if self.cpu_kernel and x_seq.device.type == "cpu":
+            if torch.is_grad_enabled() and x_seq.requires_grad:
+                return LIFSurrogateCPU.apply(x_seq, self.tau, self.v_threshold, self.surrogate_function.alpha)
             return lif_inference_cpu(x_seq, self.tau, self.v_threshold)
         v0 = torch.zeros(x_seq.shape[1:], dtype=torch.float32, device=x_seq.device)
         spikes, _, _ = sj_functional.lif_multi_step(
@@ -96,6 +100,54 @@ def lif_inference_cpu(x_seq: torch.Tensor, tau: float, v_threshold: float) -> to
         out[t] = spike
         v = h.masked_fill_(spike, 0.0)  # hard reset: v = 0 * s + (1 - s) * h
     return out
+
+
+class LIFSurrogateCPU(torch.autograd.Function):
+    """Multi-step LIF with the sigmoid surrogate gradient, for training on the CPU. ``(T, B, ...)`` -> spikes.
+
+    The forward performs spikingjelly's CPU float operations (``H = V + (X - V) / tau``, ``S = H >= V_th``,
+    ``V = H * (1 - S)``), so spikes are bit-identical; the backward is spikingjelly's BPTT with a detached
+    reset: ``dH[t] = dS[t] * sg'(H[t] - V_th) + dV[t] * (1 - S[t])``, ``dX[t] = dH[t] / tau``,
+    ``dV[t-1] = dH[t] * (1 - 1/tau)``, with ``sg'(z) = alpha * sigmoid(alpha z) * (1 - sigmoid(alpha z))``.
+    Written by hand because spikingjelly's CPU op validates, stacks and allocates a zero membrane and its
+    gradient on every call: at T=1 (the detection quickstart) that bookkeeping costs ~3x the arithmetic,
+    and the neurons were a quarter of a training step (docs/benchmarks.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, tau: float, v_threshold: float, alpha: float) -> torch.Tensor:
+        tau, v_threshold = float(tau), float(v_threshold)
+        x = x_seq.float()
+        if x.shape[0] == 1:
+            charge = x / tau  # the membrane starts at 0: H = 0 + (X - 0) / tau
+            spikes = charge.ge(v_threshold)
+        else:
+            charge = torch.empty_like(x, memory_format=torch.contiguous_format)
+            spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+            v = torch.zeros_like(x[0])
+            for t in range(x.shape[0]):
+                h = v + (x[t] - v) / tau
+                charge[t] = h
+                torch.ge(h, v_threshold, out=spikes[t])
+                v = h.masked_fill(spikes[t], 0.0)
+        ctx.save_for_backward(charge, spikes)
+        ctx.constants = (tau, v_threshold, float(alpha))
+        return spikes.to(x_seq.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor):
+        charge, spikes = ctx.saved_tensors
+        tau, v_threshold, alpha = ctx.constants
+        sig = charge.sub(v_threshold).mul_(alpha).sigmoid_()
+        surrogate = sig.mul(1 - sig).mul_(alpha)  # sg'(H - V_th)
+        grad_h = surrogate.mul_(grad_spikes.float())
+        if charge.shape[0] > 1:
+            carry = torch.zeros_like(grad_h[0])
+            for t in range(charge.shape[0] - 1, -1, -1):
+                grad_h[t].add_(carry.masked_fill_(spikes[t], 0.0))  # + dV[t] * (1 - S[t])
+                carry = grad_h[t] - grad_h[t] / tau
+        grad_x = grad_h.div_(tau)
+        return grad_x.to(grad_spikes.dtype), None, None, None
 
 
 def seq_apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,13 @@ from spikingjelly.activation_based import neuron
 from metaspike_d2.neurons import MultiStepLIF, mean_over_time, repeat_over_time, seq_apply
 
 
+def _spikingjelly_lif(threshold):
+    """The same neuron on spikingjelly's own CPU op (the reference for the project's CPU kernels)."""
+    lif = MultiStepLIF(v_threshold=threshold)
+    lif.cpu_kernel = False  # instance attribute: only this neuron
+    return lif
+
+
 def test_lif_matches_hand_computed_sequence():
     # tau = 2: H = (V + X) / 2; spike when H >= 1; hard reset to 0.
     x = torch.tensor([[1.0], [1.5], [2.0], [0.4], [4.0], [-1.0]])
@@ -43,6 +50,38 @@ def test_surrogate_gradient_is_sigmoid_alpha_4():
     sg = torch.sigmoid(torch.tensor(4 * (0.8 - 1.0)))
     expected = 4 * sg * (1 - sg) * 0.5  # dS/dH * dH/dX
     assert torch.allclose(x.grad, expected.view(1, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 2, 4])
+@pytest.mark.parametrize("threshold", [1.0, 0.5, 0.3])
+def test_cpu_kernels_match_spikingjelly_bit_for_bit(t, threshold):
+    """Forward (with and without autograd) gives spikingjelly's exact spikes; the surrogate BPTT gradient
+    matches spikingjelly's to float rounding, with gradients flowing into every time step."""
+    torch.manual_seed(t)
+    x = torch.randn(t, 3, 5, 7, 7) * 2
+    x[0, 0, 0, 0, :3] = 2 * threshold  # exactly at threshold at t=0 (H = X / 2 = V_th): must fire
+    ours, reference = MultiStepLIF(v_threshold=threshold), _spikingjelly_lif(threshold)
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))
+    grad_out = torch.randn_like(x)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    spikes = [lif(xi) for lif, xi in zip((ours, reference), xs)]
+    assert spikes[0].grad_fn.name().startswith("LIFSurrogateCPU")  # the project's kernel ran
+    assert torch.equal(spikes[0], spikes[1]) and spikes[0][0, 0, 0, 0, :3].eq(1).all()
+    for s in spikes:
+        (s * grad_out).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
+    if t > 1:  # the membrane carries gradient backwards in time: a loss on the last step reaches t=0
+        x0 = x.clone().requires_grad_(True)
+        ours(x0)[-1].sum().backward()
+        assert x0.grad[0].abs().sum() > 0
+
+
+def test_cpu_training_kernel_keeps_the_input_dtype():
+    x = (torch.randn(2, 4, 6) * 2).double().requires_grad_(True)
+    s = MultiStepLIF()(x)
+    s.sum().backward()
+    assert s.dtype == torch.float64 and x.grad.dtype == torch.float64
 
 
 def test_time_helpers():
