@@ -87,8 +87,8 @@ def lif_inference_cpu(x_seq: torch.Tensor, tau: float, v_threshold: float) -> to
     if x_seq.shape[0] == 1:
         mantissa, _ = math.frexp(tau)
         if mantissa == 0.5 and math.isfinite(tau * v_threshold):
-            return x_seq.ge(tau * v_threshold).to(x_seq.dtype)
-        return x_seq.div(tau).ge_(v_threshold).to(x_seq.dtype)
+            return _fire(x_seq, tau * v_threshold, x_seq.dtype)
+        return _fire(x_seq.div(tau), v_threshold, x_seq.dtype)
     out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
     v = None
     for t in range(x_seq.shape[0]):
@@ -118,36 +118,42 @@ class LIFSurrogateCPU(torch.autograd.Function):
     def forward(ctx, x_seq: torch.Tensor, tau: float, v_threshold: float, alpha: float) -> torch.Tensor:
         tau, v_threshold = float(tau), float(v_threshold)
         x = x_seq.float()
+        ctx.constants = (tau, v_threshold, float(alpha))
         if x.shape[0] == 1:
             charge = x / tau  # the membrane starts at 0: H = 0 + (X - 0) / tau
-            spikes = charge.ge(v_threshold)
-        else:
-            charge = torch.empty_like(x, memory_format=torch.contiguous_format)
-            spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-            v = torch.zeros_like(x[0])
-            for t in range(x.shape[0]):
-                h = v + (x[t] - v) / tau
-                charge[t] = h
-                torch.ge(h, v_threshold, out=spikes[t])
-                v = h.masked_fill(spikes[t], 0.0)
+            ctx.save_for_backward(charge)
+            return _fire(charge, v_threshold, x_seq.dtype)
+        charge = torch.empty_like(x, memory_format=torch.contiguous_format)
+        spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        v = torch.zeros_like(x[0])
+        for t in range(x.shape[0]):
+            h = v + (x[t] - v) / tau
+            charge[t] = h
+            torch.ge(h, v_threshold, out=spikes[t])
+            v = h.masked_fill(spikes[t], 0.0)
         ctx.save_for_backward(charge, spikes)
-        ctx.constants = (tau, v_threshold, float(alpha))
         return spikes.to(x_seq.dtype)
 
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor):
-        charge, spikes = ctx.saved_tensors
+        charge, *spikes = ctx.saved_tensors
         tau, v_threshold, alpha = ctx.constants
-        sig = charge.sub(v_threshold).mul_(alpha).sigmoid_()
-        surrogate = sig.mul(1 - sig).mul_(alpha)  # sg'(H - V_th)
-        grad_h = surrogate.mul_(grad_spikes.float())
-        if charge.shape[0] > 1:
-            carry = torch.zeros_like(grad_h[0])
-            for t in range(charge.shape[0] - 1, -1, -1):
-                grad_h[t].add_(carry.masked_fill_(spikes[t], 0.0))  # + dV[t] * (1 - S[t])
-                carry = grad_h[t] - grad_h[t] / tau
-        grad_x = grad_h.div_(tau)
-        return grad_x.to(grad_spikes.dtype), None, None, None
+        grad = charge.sub(v_threshold).mul_(alpha).sigmoid_()
+        grad.addcmul_(grad, grad, value=-1.0).mul_(grad_spikes.float())  # sg'(H - V_th) * dS / alpha
+        if charge.shape[0] == 1:
+            return grad.mul_(alpha / tau).to(grad_spikes.dtype), None, None, None
+        grad.mul_(alpha)  # dS * sg'
+        carry = torch.zeros_like(grad[0])
+        for t in range(charge.shape[0] - 1, -1, -1):
+            grad[t].add_(carry.masked_fill_(spikes[0][t], 0.0))  # dH[t] = dS[t] sg' + dV[t] * (1 - S[t])
+            carry = grad[t] - grad[t] / tau
+        return grad.div_(tau).to(grad_spikes.dtype), None, None, None
+
+
+def _fire(charge: torch.Tensor, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
+    """``S = H >= V_th`` as a ``dtype`` tensor, written directly (a bool result converted afterwards costs
+    ~8x the comparison on the CPU)."""
+    return torch.ge(charge, v_threshold, out=torch.empty(charge.shape, dtype=dtype, device=charge.device))
 
 
 def seq_apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
