@@ -82,6 +82,27 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return module
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise conv (``groups = channels``, no bias). ``(N, C, H, W) -> (N, C, H', W')``, contiguous.
+
+    When autograd will run its backward on the CPU, the conv runs in channels_last: oneDNN's NHWC
+    depthwise kernels give the same outputs and take 2-4x less time forward + backward at the backbone's
+    shapes than its NCHW ones (the 7x7 convs at strides 2-8 were a sixth of a training step;
+    docs/benchmarks.md). Inference and CUDA keep the NCHW path, which is faster there.
+    """
+
+    #: Set to False to time (or compare against) the NCHW path everywhere.
+    cpu_channels_last: bool = True
+
+    def __init__(self, channels: int, kernel_size: int, padding: int):
+        super().__init__(channels, channels, kernel_size, padding=padding, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_channels_last and x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return super().forward(x)
+
+
 class RepConv(nn.Module):
     """Re-parameterizable conv of the paper: ``1x1 conv -> BN-and-pad -> depthwise 3x3 -> 1x1 conv -> BN``.
 
@@ -93,7 +114,7 @@ class RepConv(nn.Module):
         super().__init__()
         self.pw1 = nn.Conv2d(in_channels, in_channels, 1, bias=False)
         self.bn_pad = BNAndPad(in_channels, pad=1)
-        self.dw = nn.Conv2d(in_channels, in_channels, 3, padding=0, groups=in_channels, bias=False)
+        self.dw = DepthwiseConv2d(in_channels, 3, padding=0)
         self.pw2 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
@@ -115,7 +136,7 @@ class SepConv(nn.Module):
         self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
         self.lif2 = MultiStepLIF(v_threshold)
-        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False)
+        self.dwconv = DepthwiseConv2d(hidden, kernel_size, padding=kernel_size // 2)
         self.pwconv2 = nn.Conv2d(hidden, dim, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(dim)
 
