@@ -17,11 +17,12 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
 ``train``     one training step (forward with losses, backward, SGD step) of the same Mask R-CNNs on
               one ``--det-size`` image with 3 random boxes and masks.
 ``quickstart`` one training step of the detection quickstart (configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml:
-              2 images of 160x160, AdamW) in three forms, each with its own model and optimizer:
-              ``sj LIF + AdamW``    neurons on spikingjelly's CPU op, torch's default (for-loop) AdamW: the
-                                    baseline (the quickstart before the CPU training kernels);
-              ``CPU LIF + AdamW``   neurons on ``LIFSurrogateCPU``;
-              ``CPU LIF + fused``   and the fused AdamW that ``build_optimizer`` uses (the default).
+              2 images of 160x160, AdamW), each form with its own model and optimizer, each adding one change:
+              ``baseline``          neurons on spikingjelly's CPU op, torch's default (for-loop) AdamW,
+                                    NCHW depthwise convs (the quickstart before the CPU training paths);
+              ``+ CPU LIF``         neurons on ``LIFSurrogateCPU``;
+              ``+ fused AdamW``     the fused AdamW that ``build_optimizer`` builds;
+              ``+ NHWC depthwise``  depthwise convs in channels_last (``DepthwiseConv2d``): the default.
 
 Each case: one warm-up, then ``--reps`` repetitions, interleaved round-robin with the cases it is
 compared to. Reported: median wall time, median process CPU time, peak resident-memory increase
@@ -45,18 +46,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backbone import forward_fn, machine_info, measure_interleaved  # noqa: E402
 
 from metaspike_d2 import MetaSpikeFormer, MultiStepLIF, reparameterize  # noqa: E402
+from metaspike_d2.blocks import DepthwiseConv2d  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def with_spikingjelly_lif(fn):
-    """Run ``fn`` with every MultiStepLIF on spikingjelly's CPU path (the pre-issue-8 behaviour)."""
+def with_baseline_kernels(fn, *, lif: bool = True, depthwise: bool = False):
+    """Run ``fn`` with the pre-optimization CPU paths: every MultiStepLIF on spikingjelly's CPU op
+    (``lif``) and/or every depthwise conv in NCHW (``depthwise``)."""
     def run():
-        MultiStepLIF.cpu_kernel = False
+        MultiStepLIF.cpu_kernel = not lif
+        DepthwiseConv2d.cpu_channels_last = not depthwise
         try:
             return fn()
         finally:
             MultiStepLIF.cpu_kernel = True
+            DepthwiseConv2d.cpu_channels_last = True
     return run
 
 
@@ -72,7 +77,7 @@ def bench_backbone(args, rows):
             torch.manual_seed(0)
             model = MetaSpikeFormer(variant=variant, time_steps=t).eval()
             cases = {
-                "train/sj": with_spikingjelly_lif(forward_fn(model, x)),
+                "train/sj": with_baseline_kernels(forward_fn(model, x)),
                 "train": forward_fn(model, x),
                 "fast": forward_fn(reparameterize(model, "fast"), x),
                 "spike": forward_fn(reparameterize(model, "spike"), x),
@@ -126,7 +131,7 @@ def bench_maskrcnn(args, rows):
         model = _build(cfg).eval()
         if name.startswith("metaspike"):
             if name.endswith("T=1"):  # the training form once, to show what the fast path gains
-                cases[f"{name} train/sj"] = with_spikingjelly_lif(forward_fn(model, inputs))
+                cases[f"{name} train/sj"] = with_baseline_kernels(forward_fn(model, inputs))
             cases[f"{name} fast"] = forward_fn(reparameterize(model, "fast"), inputs)
         else:
             cases[name] = forward_fn(model, inputs)
@@ -190,18 +195,20 @@ def bench_quickstart(args, rows):
         image["image"] = image["image"].roll(40 * i, dims=-1)
         batch.append(image)
 
-    def make_step(sj_lif: bool, fused: bool):
+    def make_step(cpu_lif: bool, fused: bool, nhwc_depthwise: bool):
         model = _build(cfg).train()
         opt = build_optimizer(cfg, model)
+        for group in opt.param_groups:  # the full update runs, but the weights (and so the number of
+            group["lr"] = 0.0           # proposals and positive RoIs) stay those of the initialization
         if not fused:
             opt.defaults["fused"] = False
             for group in opt.param_groups:
                 group["fused"] = False
-        step = _training_step(model, opt, batch)
-        return with_spikingjelly_lif(step) if sj_lif else step
+        return with_baseline_kernels(_training_step(model, opt, batch), lif=not cpu_lif,
+                                     depthwise=not nhwc_depthwise)
 
-    cases = {"sj LIF + AdamW": make_step(True, False), "CPU LIF + AdamW": make_step(False, False),
-             "CPU LIF + fused": make_step(False, True)}
+    cases = {"baseline": make_step(False, False, False), "+ CPU LIF": make_step(True, False, False),
+             "+ fused AdamW": make_step(True, True, False), "+ NHWC depthwise": make_step(True, True, True)}
     print(f"[quickstart] {list(cases)} ...", flush=True)
     res = measure_interleaved(cases, reps=args.quickstart_reps, warmup=3)
     for name, r in res.items():
@@ -223,7 +230,7 @@ def ratios(rows):
                         "T4_over_T1_wall": (r["median_s"] / t1["median_s"]) if r["T"] == 4 else None,
                         "T4_over_T1_cpu": (r["median_cpu_s"] / t1["median_cpu_s"]) if r["T"] == 4 else None})
         elif r["part"] == "quickstart":
-            base = key[("quickstart", None, None, "sj LIF + AdamW")]
+            base = key[("quickstart", None, None, "baseline")]
             out.append({"part": "quickstart", "case": r["case"],
                         "speedup_vs_baseline_wall": base["median_s"] / r["median_s"],
                         "speedup_vs_baseline_cpu": base["median_cpu_s"] / r["median_cpu_s"]})
@@ -248,7 +255,7 @@ def print_table(rows, rats, info):
             if r["T"] == 4:
                 note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
         elif r["part"] == "quickstart":
-            note = f"x{q['speedup_vs_baseline_wall']:.2f} | x{q['speedup_vs_baseline_cpu']:.2f} vs sj LIF + AdamW"
+            note = f"x{q['speedup_vs_baseline_wall']:.2f} | x{q['speedup_vs_baseline_cpu']:.2f} vs baseline"
         elif q:
             note = f"{q['time_over_R50_wall']:.2f} | {q['time_over_R50_cpu']:.2f} of R50-FPN time"
         else:

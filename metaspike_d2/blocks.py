@@ -87,8 +87,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
     When autograd will run its backward on the CPU, the conv runs in channels_last: oneDNN's NHWC
     depthwise kernels give the same outputs and take 2-4x less time forward + backward at the backbone's
-    shapes than its NCHW ones (the 7x7 convs at strides 2-8 were a sixth of a training step;
-    docs/benchmarks.md). Inference and CUDA keep the NCHW path, which is faster there.
+    shapes than its NCHW ones (~5% of the detection quickstart's training step; docs/benchmarks.md).
+    Inference and CUDA keep the NCHW path, which is faster there.
     """
 
     #: Set to False to time (or compare against) the NCHW path everywhere.

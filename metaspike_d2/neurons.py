@@ -135,6 +135,7 @@ class LIFSurrogateCPU(torch.autograd.Function):
         return spikes.to(x_seq.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # in-place arithmetic: no double backward
     def backward(ctx, grad_spikes: torch.Tensor):
         charge, *spikes = ctx.saved_tensors
         tau, v_threshold, alpha = ctx.constants
