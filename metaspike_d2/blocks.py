@@ -86,9 +86,8 @@ class DepthwiseConv2d(nn.Conv2d):
     """Depthwise conv (``groups = channels``, no bias). ``(N, C, H, W) -> (N, C, H', W')``, contiguous.
 
     When autograd will run its backward on the CPU, the conv runs in channels_last: oneDNN's NHWC
-    depthwise kernels give the same outputs and take 2-4x less time forward + backward at the backbone's
-    shapes than its NCHW ones (~5% of the detection quickstart's training step; docs/benchmarks.md).
-    Inference and CUDA keep the NCHW path, which is faster there.
+    depthwise kernels give the same outputs, and their backward is faster than the NCHW one
+    (docs/benchmarks.md, Table E). Inference and CUDA keep the NCHW path.
     """
 
     #: Set to False to time (or compare against) the NCHW path everywhere.
@@ -98,7 +97,8 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(channels, channels, kernel_size, padding=padding, groups=channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_channels_last and x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        needs_backward = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if self.cpu_channels_last and needs_backward and x.device.type == "cpu":
             return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
         return super().forward(x)
 

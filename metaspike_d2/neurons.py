@@ -46,8 +46,8 @@ class MultiStepLIF(neuron.LIFNode):
 
     #: On the CPU, use this project's LIF kernels instead of spikingjelly's torch path: without autograd
     #: :func:`lif_inference_cpu` (bit-identical spikes, no surrogate bookkeeping), with autograd
-    #: :class:`LIFSurrogateCPU` (bit-identical spikes, the same surrogate gradient, ~3x less time per
-    #: neuron at T=1). Set to False to time spikingjelly's CPU path (benchmarks/run.py does). CUDA
+    #: :class:`LIFSurrogateCPU` (bit-identical spikes, the same surrogate gradient; docs/benchmarks.md,
+    #: Table E). Set to False to time spikingjelly's CPU path (benchmarks/run.py does). CUDA
     #: always uses spikingjelly's fused kernels.
     cpu_kernel: bool = True
 
@@ -110,8 +110,8 @@ class LIFSurrogateCPU(torch.autograd.Function):
     reset: ``dH[t] = dS[t] * sg'(H[t] - V_th) + dV[t] * (1 - S[t])``, ``dX[t] = dH[t] / tau``,
     ``dV[t-1] = dH[t] * (1 - 1/tau)``, with ``sg'(z) = alpha * sigmoid(alpha z) * (1 - sigmoid(alpha z))``.
     Written by hand because spikingjelly's CPU op validates, stacks and allocates a zero membrane and its
-    gradient on every call: at T=1 (the detection quickstart) that bookkeeping costs ~3x the arithmetic,
-    and the neurons were a quarter of a training step (docs/benchmarks.md).
+    gradient on every call, which at T=1 (the detection quickstart) costs more than the arithmetic
+    (the quickstart's training step: 1.42x faster with this kernel; docs/benchmarks.md, Table E).
     """
 
     @staticmethod
@@ -152,8 +152,7 @@ class LIFSurrogateCPU(torch.autograd.Function):
 
 
 def _fire(charge: torch.Tensor, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
-    """``S = H >= V_th`` as a ``dtype`` tensor, written directly (a bool result converted afterwards costs
-    ~8x the comparison on the CPU)."""
+    """``S = H >= V_th`` as a ``dtype`` tensor, written directly (no bool result to convert afterwards)."""
     return torch.ge(charge, v_threshold, out=torch.empty(charge.shape, dtype=dtype, device=charge.device))
 
 

@@ -89,6 +89,7 @@ def test_adamw_skips_weight_decay_on_norms_and_biases():
     model = build_model(make_cfg())
     optimizer = build_optimizer(make_cfg(), model)
     assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(g["fused"] for g in optimizer.param_groups)  # the single-kernel update (docs/deviations.md)
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):

@@ -10,13 +10,13 @@ from metaspike_d2.blocks import DepthwiseConv2d
 
 
 @pytest.fixture
-def nchw_everywhere(monkeypatch):
+def set_channels_last(monkeypatch):
     def use(flag: bool):
         monkeypatch.setattr(DepthwiseConv2d, "cpu_channels_last", flag)
     return use
 
 
-def _layouts_seen(model, run):
+def _layouts_seen(run):
     """Memory formats of the inputs every depthwise conv's kernel received during ``run()``."""
     seen = []
     original = nn.Conv2d._conv_forward
@@ -35,16 +35,16 @@ def _layouts_seen(model, run):
     return seen, out
 
 
-def test_training_path_matches_nchw_outputs_and_gradients(nchw_everywhere):
+def test_training_path_matches_nchw_outputs_and_gradients(set_channels_last):
     torch.manual_seed(0)
     fast = MetaSpikeFormer(variant="tiny", time_steps=2, v_threshold=0.5, out_features=FEATURE_NAMES).train()
     reference = copy.deepcopy(fast)
     image = torch.randn(2, 3, 64, 64) * 2
 
-    seen, out_fast = _layouts_seen(fast, lambda: fast(image))
+    seen, out_fast = _layouts_seen(lambda: fast(image))
     assert seen and set(seen) == {"channels_last"}  # every depthwise conv took the NHWC path
-    nchw_everywhere(False)
-    seen, out_ref = _layouts_seen(reference, lambda: reference(image))
+    set_channels_last(False)
+    seen, out_ref = _layouts_seen(lambda: reference(image))
     assert set(seen) == {"nchw"}
 
     for name in FEATURE_NAMES:
@@ -63,7 +63,7 @@ def test_training_path_matches_nchw_outputs_and_gradients(nchw_everywhere):
 def test_inference_keeps_nchw():
     model = MetaSpikeFormer(variant="tiny", out_features=("stage4",)).eval()
     with torch.no_grad():
-        seen, _ = _layouts_seen(model, lambda: model(torch.randn(1, 3, 32, 32)))
+        seen, _ = _layouts_seen(lambda: model(torch.randn(1, 3, 32, 32)))
     assert seen and set(seen) == {"nchw"}
 
 

@@ -34,8 +34,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = get_default_optimizer_params(model, base_lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
                                           weight_decay_norm=0.0, weight_decay_bias=0.0,
                                           lr_factor_func=lr_multiplier_func(cfg.SOLVER.LR_MULTIPLIERS))
-    # fused=True: torch's single-kernel AdamW (CPU and CUDA); on the CPU it is the default for-loop
-    # implementation's arithmetic in ~1/4 of the time (10 vs 44 ms per step on the detection quickstart).
+    # fused=True: torch's single-kernel AdamW (CPU and CUDA), the same update as the default for-loop
+    # implementation in less time (docs/benchmarks.md, Table E).
     return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
         params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         fused=True)
