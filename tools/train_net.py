@@ -38,6 +38,7 @@ from metaspike_d2.d2.engine import (  # noqa: E402
     build_train_loop,
     create_ddp_model,
 )
+from metaspike_d2.d2.ema import build_model_ema_hook  # noqa: E402
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation  # noqa: E402
@@ -78,6 +79,14 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # MODEL_EMA: after the LR scheduler, before the checkpointer and the evaluation (metaspike_d2/d2/ema.py)
+        ema_hook = build_model_ema_hook(self.cfg, self)
+        if ema_hook is not None:
+            hooks.insert(2, ema_hook)
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

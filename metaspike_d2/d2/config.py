@@ -136,6 +136,16 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.ALLOW_PARTIAL_WEIGHTS = False
     # ---- end of robustness -----------------------------------------------------------------------
 
+    # ---- Weight averaging (metaspike_d2/d2/ema.py) -------------------------------------------------
+    # An exponential moving average of the weights (parameters and buffers), updated every iteration;
+    # after the last iteration it replaces the training weights, so model_final.pth and the final
+    # evaluation hold the average. Periodic checkpoints store it as "model_ema" (--resume continues it).
+    _C.MODEL_EMA = CN()
+    _C.MODEL_EMA.ENABLED = False
+    # Upper bound of the decay; the decay used at step s is min(DECAY, 1 - (1 + s) ** -0.75) (timm's
+    # warm-up), which is 0.9973 after 2600 steps and reaches 0.998 after about 4000.
+    _C.MODEL_EMA.DECAY = 0.998
+
 
 def maybe_reparameterize(cfg, model):
     """Apply ``MODEL.METASPIKE.REPARAM_INFERENCE`` ("" = off, "fast", "spike") to an inference model,
