@@ -72,8 +72,14 @@ def test_trainer_checkpoints_the_ema_resumes_it_and_saves_it_as_the_final_model(
     assert all(torch.equal(ema[k], mid["model_ema"][k]) for k in ema)
 
 
-def test_ema_is_off_by_default(shapes_runner, tmp_path):
-    train_net = _load_train_net()
-    trainer = train_net.Trainer(_tiny_cfg(train_net, *tiny_train_opts(tmp_path, 1, 100)))
+def test_ema_is_off_by_default_and_when_disabled(shapes_runner, tmp_path):
+    from detectron2.config import get_cfg
+
+    from metaspike_d2.d2 import add_metaspike_config
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    assert cfg.MODEL_EMA.ENABLED is False
+    train_net = _load_train_net()  # the quickstart enables it; switched off here
+    trainer = train_net.Trainer(_tiny_cfg(train_net, *tiny_train_opts(tmp_path, 1, 100), "MODEL_EMA.ENABLED", "False"))
     assert not any(type(h).__name__ == "ModelEMAHook" for h in trainer._hooks)
     assert "model_ema" not in trainer.checkpointer.checkpointables
