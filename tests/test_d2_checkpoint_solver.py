@@ -86,8 +86,9 @@ def test_full_model_round_trip_and_eval_only(tmp_path):
 
 
 def test_adamw_skips_weight_decay_on_norms_and_biases():
-    model = build_model(make_cfg())
-    optimizer = build_optimizer(make_cfg(), model)
+    cfg = make_cfg("SOLVER.WEIGHT_DECAY", 0.05)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert all(g["fused"] for g in optimizer.param_groups)  # the single-kernel update (docs/deviations.md)
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
