@@ -99,3 +99,35 @@ def test_train_step_and_inference(config, opts):
     assert {"pred_boxes", "scores", "pred_classes"} <= set(inst.get_fields())
     if cfg.MODEL.MASK_ON and len(inst):
         assert inst.pred_masks.shape[-2:] == (64, 64)
+
+
+def test_quickstart_pools_every_shape_from_p2():
+    """The quickstart's RoI heads read p2-p5, and Detectron2's level rule (canonical 224 px at p4) sends
+    every shape the generator draws (28-80 px) to p2, the stride-4 level: the claim in its yaml."""
+    import numpy as np
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+    from detectron2.structures import Boxes
+
+    from metaspike_d2.data.shapes import render_shapes_image
+
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file("configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml")
+    model = build_model(cfg)
+    rng = np.random.default_rng(0)
+    boxes = []
+    for _ in range(40):
+        _, instances = render_shapes_image(rng)
+        for _, mask in instances:
+            ys, xs = np.nonzero(mask)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    sizes = boxes.area().sqrt()
+    assert sizes.max() < 112 and sizes.min() > 8
+    for pooler in (model.roi_heads.box_pooler.pooler, model.roi_heads.mask_pooler.pooler):
+        levels = assign_boxes_to_levels([boxes], pooler.min_level, pooler.max_level,
+                                        pooler.canonical_box_size, pooler.canonical_level)
+        assert levels.tolist() == [0] * len(boxes)
+        assert pooler.level_poolers[0].spatial_scale == 1 / 4
+    assert model.roi_heads.box_in_features[0] == "p2"
+    assert model.proposal_generator.in_features == ["p3", "p4", "p5", "p6"]
