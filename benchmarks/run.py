@@ -1,6 +1,6 @@
 """Speed benchmarks of issue 8, in one run, with ratios against baselines measured in the same run.
 
-    python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train]
+    python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train quickstart ema]
                              [--threads 2] [--reps 3] [--size 224] [--det-size 512]
 
 Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
@@ -23,6 +23,9 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
               ``+ CPU LIF``         neurons on ``LIFSurrogateCPU``;
               ``+ fused AdamW``     the fused AdamW that ``build_optimizer`` builds;
               ``+ NHWC depthwise``  depthwise convs in channels_last (``DepthwiseConv2d``): the default.
+``ema``       one ``MODEL_EMA`` update of the quickstart detector's weights: timm's ``ModelEmaV3`` (the
+              baseline, two ``state_dict()`` walks per update) vs the hook's ``_ModelEma`` (tensor lists
+              gathered once; metaspike_d2/d2/ema.py).
 
 Each case: one warm-up, then ``--reps`` repetitions, interleaved round-robin with the cases it is
 compared to. Reported: median wall time, median process CPU time, peak resident-memory increase
@@ -215,6 +218,22 @@ def bench_quickstart(args, rows):
         rows.append(_row("quickstart", name, r, input="2x160x160"))
 
 
+
+def bench_ema(args, rows):
+    from timm.utils import ModelEmaV3
+
+    from metaspike_d2.d2.ema import _ModelEma
+
+    cfg = _d2_cfg(os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_metaspike_tiny_shapes.yaml"))
+    model = _build(cfg).train()
+    emas = {"timm ModelEmaV3": ModelEmaV3(model, decay=0.998), "_ModelEma": _ModelEma(model, decay=0.998)}
+    cases = {name: (lambda ema=ema: ema.update(model, step=1000)) for name, ema in emas.items()}
+    print(f"[ema] {list(cases)} ...", flush=True)
+    res = measure_interleaved(cases, reps=args.quickstart_reps, warmup=3)
+    for name, r in res.items():
+        rows.append(_row("ema", name, r, tensors=len(model.state_dict())))
+
+
 # --------------------------------------------------------------------------------------------------
 def ratios(rows):
     """Speed-ups of the same run: backbone vs train/sj, T=4 vs T=1, detectors vs R50-FPN."""
@@ -229,9 +248,9 @@ def ratios(rows):
                         "speedup_vs_train_sj_cpu": base["median_cpu_s"] / r["median_cpu_s"],
                         "T4_over_T1_wall": (r["median_s"] / t1["median_s"]) if r["T"] == 4 else None,
                         "T4_over_T1_cpu": (r["median_cpu_s"] / t1["median_cpu_s"]) if r["T"] == 4 else None})
-        elif r["part"] == "quickstart":
-            base = key[("quickstart", None, None, "baseline")]
-            out.append({"part": "quickstart", "case": r["case"],
+        elif r["part"] in ("quickstart", "ema"):
+            base = key[(r["part"], None, None, "baseline" if r["part"] == "quickstart" else "timm ModelEmaV3")]
+            out.append({"part": r["part"], "case": r["case"],
                         "speedup_vs_baseline_wall": base["median_s"] / r["median_s"],
                         "speedup_vs_baseline_cpu": base["median_cpu_s"] / r["median_cpu_s"]})
         else:
@@ -254,7 +273,7 @@ def print_table(rows, rats, info):
             note = f"x{q['speedup_vs_train_sj_wall']:.2f} | x{q['speedup_vs_train_sj_cpu']:.2f} vs train/sj"
             if r["T"] == 4:
                 note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
-        elif r["part"] == "quickstart":
+        elif r["part"] in ("quickstart", "ema"):
             note = f"x{q['speedup_vs_baseline_wall']:.2f} | x{q['speedup_vs_baseline_cpu']:.2f} vs baseline"
         elif q:
             note = f"{q['time_over_R50_wall']:.2f} | {q['time_over_R50_cpu']:.2f} of R50-FPN time"
@@ -268,8 +287,8 @@ def print_table(rows, rats, info):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="JSON file to write")
-    parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart"],
-                        choices=["backbone", "maskrcnn", "train", "quickstart"])
+    parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart", "ema"],
+                        choices=["backbone", "maskrcnn", "train", "quickstart", "ema"])
     parser.add_argument("--variants", nargs="+", default=["15m", "55m"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--det-size", type=int, default=512)
@@ -285,7 +304,7 @@ def main(argv=None) -> int:
     info = machine_info()
     rows = []
     parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train,
-             "quickstart": bench_quickstart}
+             "quickstart": bench_quickstart, "ema": bench_ema}
     for part in args.parts:
         parts[part](args, rows)
         gc.collect()

@@ -22,6 +22,7 @@ def test_ema_follows_the_documented_recurrence_and_replaces_the_weights_at_the_e
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
             model[1].running_mean.add_(1.0)
+            model[1].num_batches_tracked.add_(1)  # an integer buffer: copied, not averaged
         current = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         history.append(current)
         decay = min(0.6, 1 - (1 + i) ** -0.75)  # MODEL_EMA.DECAY's documented schedule (0 at the first step)
@@ -32,6 +33,7 @@ def test_ema_follows_the_documented_recurrence_and_replaces_the_weights_at_the_e
             assert all(torch.equal(model.state_dict()[k], current[k]) for k in current)
         for k in expected:
             torch.testing.assert_close(hook.ema.module.state_dict()[k], expected[k])
+        assert hook.ema.module[1].num_batches_tracked.item() == i + 1
     assert decay == 0.6  # the cap was reached
     # after the last step the model holds the average, not its last weights
     for k in expected:
