@@ -1,6 +1,6 @@
 """Speed benchmarks of issue 8, in one run, with ratios against baselines measured in the same run.
 
-    python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train quickstart ema]
+    python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train quickstart roi_align ema]
                              [--threads 2] [--reps 3] [--size 224] [--det-size 512]
 
 Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
@@ -22,7 +22,14 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
                                     NCHW depthwise convs (the quickstart before the CPU training paths);
               ``+ CPU LIF``         neurons on ``LIFSurrogateCPU``;
               ``+ fused AdamW``     the fused AdamW that ``build_optimizer`` builds;
-              ``+ NHWC depthwise``  depthwise convs in channels_last (``DepthwiseConv2d``): the default.
+              ``+ NHWC depthwise``  depthwise convs in channels_last (``DepthwiseConv2d``);
+              ``+ matmul RoIAlign`` the box and mask poolers on ``roi_align_matmul``: the quickstart as
+                                    configured (``MODEL.METASPIKE.ROI_ALIGN_KERNEL: "matmul"``).
+``roi_align`` forward + backward of one RoIAlign level, torchvision's ``roi_align`` (the baseline) vs
+              ``roi_align_matmul`` (metaspike_d2/d2/roi_align.py), aligned, adaptive sampling (ratio 0):
+              ``quickstart``  96 RoIs of 28-112 px on the quickstart's p2 (2 x 64 x 40 x 40, stride 4);
+              ``coco-p2``     512 RoIs of 32-224 px on p2 of a 512x512 image (2 x 256 x 128 x 128), where the
+                              dense matmul form does more work than torchvision's loop (the default kernel).
 ``ema``       one ``MODEL_EMA`` update of the quickstart detector's weights: timm's ``ModelEmaV3`` (the
               baseline, two ``state_dict()`` walks per update) vs the hook's ``_ModelEma`` (tensor lists
               gathered once; metaspike_d2/d2/ema.py).
@@ -198,8 +205,11 @@ def bench_quickstart(args, rows):
         image["image"] = image["image"].roll(40 * i, dims=-1)
         batch.append(image)
 
-    def make_step(cpu_lif: bool, fused: bool, nhwc_depthwise: bool):
-        model = _build(cfg).train()
+    torchvision_cfg = cfg.clone()
+    torchvision_cfg.MODEL.METASPIKE.ROI_ALIGN_KERNEL = "torchvision"
+
+    def make_step(cpu_lif: bool, fused: bool, nhwc_depthwise: bool, matmul_roi_align: bool = False):
+        model = _build(cfg if matmul_roi_align else torchvision_cfg).train()
         opt = build_optimizer(cfg, model)
         for group in opt.param_groups:  # the full update runs, but the weights (and so the number of
             group["lr"] = 0.0           # proposals and positive RoIs) stay those of the initialization
@@ -211,12 +221,47 @@ def bench_quickstart(args, rows):
                                      depthwise=not nhwc_depthwise)
 
     cases = {"baseline": make_step(False, False, False), "+ CPU LIF": make_step(True, False, False),
-             "+ fused AdamW": make_step(True, True, False), "+ NHWC depthwise": make_step(True, True, True)}
+             "+ fused AdamW": make_step(True, True, False), "+ NHWC depthwise": make_step(True, True, True),
+             "+ matmul RoIAlign": make_step(True, True, True, matmul_roi_align=True)}
     print(f"[quickstart] {list(cases)} ...", flush=True)
     res = measure_interleaved(cases, reps=args.quickstart_reps, warmup=3)
     for name, r in res.items():
         rows.append(_row("quickstart", name, r, input="2x160x160"))
 
+
+
+def _random_rois(num, image_size, min_side, max_side, num_images, generator):
+    """``(num, 5)`` RoIs (image index, x1, y1, x2, y2) with sides in ``[min_side, max_side)``, inside the image."""
+    side = min_side + torch.rand(num, 2, generator=generator) * (max_side - min_side)
+    start = torch.rand(num, 2, generator=generator) * (image_size - side)
+    index = torch.randint(0, num_images, (num, 1), generator=generator).float()
+    return torch.cat([index, start, start + side], 1)
+
+
+def bench_roi_align(args, rows):
+    from torchvision.ops import roi_align
+
+    from metaspike_d2.d2.roi_align import roi_align_matmul
+
+    g = torch.Generator().manual_seed(0)
+    settings = {"quickstart": ((2, 64, 40, 40), 0.25, _random_rois(96, 160, 28, 112, 2, g)),
+                "coco-p2": ((2, 256, 128, 128), 0.25, _random_rois(512, 512, 32, 224, 2, g))}
+    for setting, (shape, scale, rois) in settings.items():
+        features = torch.randn(*shape, generator=g).requires_grad_(True)
+        grad = torch.randn(rois.shape[0], shape[1], 7, 7, generator=g)
+
+        def step(op):
+            def run():
+                op(features, rois, 7, scale, 0, True).backward(grad)
+                features.grad = None
+            return run
+
+        cases = {"torchvision": step(roi_align), "matmul": step(roi_align_matmul)}
+        print(f"[roi_align] {setting}: {list(cases)} ...", flush=True)
+        res = measure_interleaved(cases, reps=args.quickstart_reps, warmup=2)
+        for name, r in res.items():
+            rows.append(_row("roi_align", name, r, setting=setting, features="x".join(map(str, shape)),
+                             rois=rois.shape[0]))
 
 
 def bench_ema(args, rows):
@@ -248,6 +293,12 @@ def ratios(rows):
                         "speedup_vs_train_sj_cpu": base["median_cpu_s"] / r["median_cpu_s"],
                         "T4_over_T1_wall": (r["median_s"] / t1["median_s"]) if r["T"] == 4 else None,
                         "T4_over_T1_cpu": (r["median_cpu_s"] / t1["median_cpu_s"]) if r["T"] == 4 else None})
+        elif r["part"] == "roi_align":
+            base = next(b for b in rows if b["part"] == "roi_align" and b["setting"] == r["setting"]
+                        and b["case"] == "torchvision")
+            out.append({"part": r["part"], "setting": r["setting"], "case": r["case"],
+                        "speedup_vs_baseline_wall": base["median_s"] / r["median_s"],
+                        "speedup_vs_baseline_cpu": base["median_cpu_s"] / r["median_cpu_s"]})
         elif r["part"] in ("quickstart", "ema"):
             base = key[(r["part"], None, None, "baseline" if r["part"] == "quickstart" else "timm ModelEmaV3")]
             out.append({"part": r["part"], "case": r["case"],
@@ -264,16 +315,16 @@ def ratios(rows):
 
 def print_table(rows, rats, info):
     print(f"\n# {info['time_utc']} UTC, {info['torch_threads']} threads, torch {info['torch']}; {info['uptime']}")
-    rat = {(q["part"], q.get("variant"), q.get("T"), q["case"]): q for q in rats}
+    rat = {(q["part"], q.get("variant") or q.get("setting"), q.get("T"), q["case"]): q for q in rats}
     print(f"{'part':10} {'case':28} {'T':>2} {'wall ms':>9} {'cpu ms':>9} {'peak MiB':>8}  ratios (wall | cpu)")
     for r in rows:
-        q = rat.get((r["part"], r.get("variant"), r.get("T"), r["case"]), {})
-        name = f"{r.get('variant', '')} {r['case']}".strip()
+        q = rat.get((r["part"], r.get("variant") or r.get("setting"), r.get("T"), r["case"]), {})
+        name = f"{r.get('variant') or r.get('setting', '')} {r['case']}".strip()
         if r["part"] == "backbone":
             note = f"x{q['speedup_vs_train_sj_wall']:.2f} | x{q['speedup_vs_train_sj_cpu']:.2f} vs train/sj"
             if r["T"] == 4:
                 note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
-        elif r["part"] in ("quickstart", "ema"):
+        elif r["part"] in ("quickstart", "ema", "roi_align"):
             note = f"x{q['speedup_vs_baseline_wall']:.2f} | x{q['speedup_vs_baseline_cpu']:.2f} vs baseline"
         elif q:
             note = f"{q['time_over_R50_wall']:.2f} | {q['time_over_R50_cpu']:.2f} of R50-FPN time"
@@ -287,8 +338,8 @@ def print_table(rows, rats, info):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="JSON file to write")
-    parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart", "ema"],
-                        choices=["backbone", "maskrcnn", "train", "quickstart", "ema"])
+    parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema"],
+                        choices=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema"])
     parser.add_argument("--variants", nargs="+", default=["15m", "55m"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--det-size", type=int, default=512)
@@ -304,7 +355,7 @@ def main(argv=None) -> int:
     info = machine_info()
     rows = []
     parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train,
-             "quickstart": bench_quickstart, "ema": bench_ema}
+             "quickstart": bench_quickstart, "roi_align": bench_roi_align, "ema": bench_ema}
     for part in args.parts:
         parts[part](args, rows)
         gc.collect()

@@ -47,6 +47,12 @@ def add_metaspike_config(cfg: CN) -> None:
     #            (registered names MetaSpike*), logits averaged over T;
     #   False -> the backbone features are averaged over T, then Detectron2's stock FPN and heads.
     _C.MODEL.METASPIKE.SPIKING_HEADS = True
+    # RoIAlign implementation of the box and mask poolers (MODEL.ROI_*_HEAD.POOLER_TYPE "ROIAlign" or
+    # "ROIAlignV2"): "torchvision" (Detectron2's ROIAlign, the default) or "matmul"
+    # (metaspike_d2/d2/roi_align.py: the same sampling as two matrix products, ~8x faster forward +
+    # backward on the CPU for small feature maps such as the quickstart's; its work grows with the map's
+    # area, so keep "torchvision" for COCO-sized inputs and on GPUs).
+    _C.MODEL.METASPIKE.ROI_ALIGN_KERNEL = "torchvision"
     # Neurons of the spiking neck and heads (the backbone's threshold is BACKBONE_V_THRESHOLD).
     _C.MODEL.METASPIKE.NEURON = CN()
     # Firing threshold V_th (at T=1 a neuron fires iff its input >= 2 * V_th).

@@ -18,7 +18,7 @@ import fvcore.nn.weight_init as weight_init
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ConvTranspose2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d, ConvTranspose2d, ROIAlign, ShapeSpec, get_norm
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import (
     ROI_BOX_HEAD_REGISTRY,
@@ -34,6 +34,7 @@ from torch import nn
 
 from ..neurons import mean_over_time, seq_apply
 from .backbone import build_lif
+from .roi_align import MatmulROIAlign
 
 __all__ = [
     "TimeFoldedROIPooler",
@@ -66,20 +67,39 @@ class TimeFoldedROIPooler(nn.Module):
         return pooled.reshape(t, -1, *pooled.shape[1:])
 
 
+def _select_roi_align(pooler: ROIPooler, kernel: str) -> ROIPooler:
+    """Swap the level poolers of ``pooler`` for :class:`MatmulROIAlign` when ``kernel`` is "matmul"
+    (``MODEL.METASPIKE.ROI_ALIGN_KERNEL``); "torchvision" keeps Detectron2's ``ROIAlign``."""
+    if kernel == "torchvision":
+        return pooler
+    if kernel != "matmul":
+        raise ValueError(f"MODEL.METASPIKE.ROI_ALIGN_KERNEL must be 'torchvision' or 'matmul', got {kernel!r}")
+    for i, level in enumerate(pooler.level_poolers):
+        if not isinstance(level, ROIAlign):
+            raise ValueError(f"MODEL.METASPIKE.ROI_ALIGN_KERNEL 'matmul' needs POOLER_TYPE 'ROIAlign' or 'ROIAlignV2', "
+                             f"the pooler has {type(level).__name__}")
+        pooler.level_poolers[i] = MatmulROIAlign(level.output_size, level.spatial_scale, level.sampling_ratio,
+                                                 level.aligned)
+    return pooler
+
+
 class _TimeFoldedPoolers:
-    """Mixin for Detectron2 RoI heads: wrap the box and mask poolers in :class:`TimeFoldedROIPooler`."""
+    """Mixin for Detectron2 RoI heads: wrap the box and mask poolers in :class:`TimeFoldedROIPooler`
+    (with the RoIAlign kernel chosen by ``MODEL.METASPIKE.ROI_ALIGN_KERNEL``)."""
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        ret["box_pooler"] = TimeFoldedROIPooler(ret["box_pooler"])
+        pooler = _select_roi_align(ret["box_pooler"], cfg.MODEL.METASPIKE.ROI_ALIGN_KERNEL)
+        ret["box_pooler"] = TimeFoldedROIPooler(pooler)
         return ret
 
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
         ret = super()._init_mask_head(cfg, input_shape)
         if ret.get("mask_pooler") is not None:
-            ret["mask_pooler"] = TimeFoldedROIPooler(ret["mask_pooler"])
+            pooler = _select_roi_align(ret["mask_pooler"], cfg.MODEL.METASPIKE.ROI_ALIGN_KERNEL)
+            ret["mask_pooler"] = TimeFoldedROIPooler(pooler)
         return ret
 
 
