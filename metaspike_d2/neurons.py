@@ -85,8 +85,7 @@ def lif_inference_cpu(x_seq: torch.Tensor, tau: float, v_threshold: float) -> to
     """
     tau = float(tau)
     if x_seq.shape[0] == 1:
-        mantissa, _ = math.frexp(tau)
-        if mantissa == 0.5 and math.isfinite(tau * v_threshold):
+        if _divides_exactly(tau, v_threshold):
             return _fire(x_seq, tau * v_threshold, x_seq.dtype)
         return _fire(x_seq.div(tau), v_threshold, x_seq.dtype)
     out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
@@ -119,8 +118,13 @@ class LIFSurrogateCPU(torch.autograd.Function):
         tau, v_threshold = float(tau), float(v_threshold)
         x = x_seq.float()
         ctx.constants = (tau, v_threshold, float(alpha))
+        ctx.saved_input = x.shape[0] == 1 and _divides_exactly(tau, v_threshold)
+        if ctx.saved_input:
+            # the membrane starts at 0: H = X / tau, and H >= V_th <=> X >= tau * V_th (no division needed)
+            ctx.save_for_backward(x)
+            return _fire(x, tau * v_threshold, x_seq.dtype)
         if x.shape[0] == 1:
-            charge = x / tau  # the membrane starts at 0: H = 0 + (X - 0) / tau
+            charge = x / tau
             ctx.save_for_backward(charge)
             return _fire(charge, v_threshold, x_seq.dtype)
         charge = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -137,18 +141,29 @@ class LIFSurrogateCPU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # in-place arithmetic: no double backward
     def backward(ctx, grad_spikes: torch.Tensor):
-        charge, *spikes = ctx.saved_tensors
+        saved, *spikes = ctx.saved_tensors
         tau, v_threshold, alpha = ctx.constants
-        grad = charge.sub(v_threshold).mul_(alpha).sigmoid_()
-        grad.addcmul_(grad, grad, value=-1.0).mul_(grad_spikes.float())  # sg'(H - V_th) * dS / alpha
-        if charge.shape[0] == 1:
+        if ctx.saved_input:  # X, with alpha (H - V_th) = (X - tau V_th) alpha / tau
+            sig = saved.sub(tau * v_threshold).mul_(alpha / tau).sigmoid_()
+        else:  # the charge H
+            sig = saved.sub(v_threshold).mul_(alpha).sigmoid_()
+        grad = torch.ops.aten.sigmoid_backward(grad_spikes.float(), sig)  # dS * sg'(H - V_th) / alpha
+        if saved.shape[0] == 1:
             return grad.mul_(alpha / tau).to(grad_spikes.dtype), None, None, None
+        charge = saved
         grad.mul_(alpha)  # dS * sg'
         carry = torch.zeros_like(grad[0])
         for t in range(charge.shape[0] - 1, -1, -1):
             grad[t].add_(carry.masked_fill_(spikes[0][t], 0.0))  # dH[t] = dS[t] sg' + dV[t] * (1 - S[t])
             carry = grad[t] - grad[t] / tau
         return grad.div_(tau).to(grad_spikes.dtype), None, None, None
+
+
+def _divides_exactly(tau: float, v_threshold: float) -> bool:
+    """True when ``X / tau >= V_th`` and ``X >= tau * V_th`` agree for every float X: tau is a power of two
+    (dividing by it is exact) and ``tau * V_th`` is finite."""
+    mantissa, _ = math.frexp(tau)
+    return mantissa == 0.5 and math.isfinite(tau * v_threshold)
 
 
 def _fire(charge: torch.Tensor, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
