@@ -53,11 +53,14 @@ def test_training_path_matches_nchw_outputs_and_gradients(set_channels_last):
     sum((o ** 2).mean() for o in out_fast.values()).backward()
     sum((o ** 2).mean() for o in out_ref.values()).backward()
     ref_params = dict(reference.named_parameters())
+    # A conv bias right before a training-mode BN has an exact gradient of 0: both paths then return rounding
+    # noise of order float32 eps times the gradients flowing through, hence a floor scaled by the largest one.
+    floor = 1e-6 * max(p.grad.abs().max().item() for p in reference.parameters())
     for name, p in fast.named_parameters():
         other = ref_params[name].grad
         scale = other.abs().max().item()
         err = (p.grad - other).abs().max().item()
-        assert err <= 1e-4 * scale + 1e-7, f"{name}: {err} (scale {scale})"
+        assert err <= 1e-4 * scale + floor, f"{name}: {err} (scale {scale}, floor {floor})"
 
 
 def test_inference_keeps_nchw():
