@@ -49,8 +49,8 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.SPIKING_HEADS = True
     # RoIAlign implementation of the box and mask poolers (MODEL.ROI_*_HEAD.POOLER_TYPE "ROIAlign" or
     # "ROIAlignV2"): "torchvision" (Detectron2's ROIAlign, the default) or "matmul"
-    # (metaspike_d2/d2/roi_align.py: the same sampling as two matrix products, ~8x faster forward +
-    # backward on the CPU for small feature maps such as the quickstart's; its work grows with the map's
+    # (metaspike_d2/d2/roi_align.py: the same sampling as two matrix products, 4.8x faster forward +
+    # backward on the CPU at the quickstart's p2, docs/benchmarks.md Table F; its work grows with the map's
     # area, so keep "torchvision" for COCO-sized inputs and on GPUs).
     _C.MODEL.METASPIKE.ROI_ALIGN_KERNEL = "torchvision"
     # Neurons of the spiking neck and heads (the backbone's threshold is BACKBONE_V_THRESHOLD).
