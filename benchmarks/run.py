@@ -29,7 +29,8 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
               ``roi_align_matmul`` (metaspike_d2/d2/roi_align.py), aligned, adaptive sampling (ratio 0):
               ``quickstart``  96 RoIs of 28-112 px on the quickstart's p2 (2 x 64 x 40 x 40, stride 4);
               ``coco-p2``     512 RoIs of 32-224 px on p2 of a 512x512 image (2 x 256 x 128 x 128), where the
-                              dense matmul form does more work than torchvision's loop (the default kernel).
+                              dense matmul form does more arithmetic and needs far more memory than
+                              torchvision's loop (which stays the default kernel).
 ``ema``       one ``MODEL_EMA`` update of the quickstart detector's weights: timm's ``ModelEmaV3`` (the
               baseline, two ``state_dict()`` walks per update) vs the hook's ``_ModelEma`` (tensor lists
               gathered once; metaspike_d2/d2/ema.py).
@@ -227,7 +228,6 @@ def bench_quickstart(args, rows):
     res = measure_interleaved(cases, reps=args.quickstart_reps, warmup=3)
     for name, r in res.items():
         rows.append(_row("quickstart", name, r, input="2x160x160"))
-
 
 
 def _random_rois(num, image_size, min_side, max_side, num_images, generator):

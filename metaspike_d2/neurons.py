@@ -124,7 +124,7 @@ class LIFSurrogateCPU(torch.autograd.Function):
             ctx.save_for_backward(x)
             return _fire(x, tau * v_threshold, x_seq.dtype)
         if x.shape[0] == 1:
-            charge = x / tau
+            charge = x / tau  # the membrane starts at 0: H = 0 + (X - 0) / tau
             ctx.save_for_backward(charge)
             return _fire(charge, v_threshold, x_seq.dtype)
         charge = torch.empty_like(x, memory_format=torch.contiguous_format)

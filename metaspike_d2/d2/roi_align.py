@@ -93,7 +93,6 @@ def roi_align_matmul(
         wy = _axis_weights(y1, roi_h, pooled_h, h, sampling_ratio)
         wx = _axis_weights(x1, roi_w, pooled_w, w, sampling_ratio)
         image_of_roi = rois[:, 0].long()
-    out = features.new_empty(0, c, pooled_h, pooled_w)
     parts, order = [], []
     for b in range(n):
         idx = (image_of_roi == b).nonzero().squeeze(1)
@@ -107,7 +106,7 @@ def roi_align_matmul(
         parts.append(pooled.permute(0, 2, 1, 3))
         order.append(idx)
     if not parts:
-        return out
+        return features.new_empty(0, c, pooled_h, pooled_w)
     order = torch.cat(order)
     out = torch.cat(parts)
     if len(parts) == 1 and order.numel() == rois.shape[0]:
