@@ -37,8 +37,7 @@ RUNNER = textwrap.dedent("""
     MetadataCatalog.get("robust_twins").set(thing_classes=list(SHAPES_CLASSES))
 
     if __name__ == "__main__":
-        args = train_net.default_argument_parser().parse_args(sys.argv[2:])
-        train_net.launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+        train_net.launch_from_args(train_net.argument_parser().parse_args(sys.argv[2:]))
 """)
 
 def tiny_train_opts(out_dir, max_iter, period):
@@ -147,8 +146,10 @@ def _first_loss(shapes_runner, out, num_procs):
         "SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.RANDOM_FLIP", "none", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "4096",
         "MODEL.RPN.POSITIVE_FRACTION", "1.0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512",
         "MODEL.ROI_HEADS.POSITIVE_FRACTION", "1.0"]
-    cmd = [sys.executable, str(runner), str(data_root), "--config-file", QUICKSTART, "--num-gpus", str(num_procs),
-           *tiny_train_opts(out, 1, 1000), *deterministic]
+    # one process through --num-gpus, two through the config's CPU_PROCESSES (what the quickstart does)
+    procs = (["--num-gpus", "1"], []) if num_procs == 1 else ([], ["CPU_PROCESSES", str(num_procs)])
+    cmd = [sys.executable, str(runner), str(data_root), "--config-file", QUICKSTART, *procs[0],
+           *tiny_train_opts(out, 1, 1000), *deterministic, *procs[1]]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
@@ -157,12 +158,14 @@ def _first_loss(shapes_runner, out, num_procs):
 
 
 def test_d2_two_cpu_processes_match_one_process_with_both_images(shapes_runner, tmp_path):
-    """launch --num-gpus 2 on a CPU-only machine trains with gloo (Detectron2's create_ddp_model passes
+    """CPU_PROCESSES 2 on a CPU-only machine trains with gloo (Detectron2's create_ddp_model passes
     device_ids, which DDP rejects for CPU models); 2 processes x 1 image give the first-iteration losses of
-    1 process x 2 images."""
+    1 process x 2 images (--num-gpus 1 overriding the config's CPU_PROCESSES 2)."""
     single, _ = _first_loss(shapes_runner, tmp_path / "one", 1)
-    double, log = _first_loss(shapes_runner, tmp_path / "two", 2)
-    assert "World size: 2" in (tmp_path / "two" / "log.txt").read_text()
+    double, _ = _first_loss(shapes_runner, tmp_path / "two", 2)
+    log = (tmp_path / "two" / "log.txt").read_text()
+    assert "World size: 2" in log
+    assert "training data-parallel in 2 CPU processes (gloo), images per process and step: 1" in log
     assert (tmp_path / "two" / "log.txt.rank1").exists()
     for key in ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"):
         assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key

@@ -6,7 +6,8 @@
     python tools/train_net.py --config-file CFG --resume            # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file CFG --num-gpus 8        # multi-GPU through detectron2's launch
 
-CPU: add ``MODEL.DEVICE cpu`` (the quickstart config sets it).
+CPU: add ``MODEL.DEVICE cpu`` (the quickstart config sets it). CPU configs launch ``CPU_PROCESSES``
+data-parallel processes (gloo) unless ``--num-gpus`` is given (the detection quickstart: 2).
 """
 import logging
 import os
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog, build_detection_test_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
 from detectron2.engine.train_loop import TrainerBase  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results  # noqa: E402
@@ -33,10 +34,13 @@ from metaspike_d2.d2 import (  # noqa: E402
 )
 from metaspike_d2.d2.config import maybe_reparameterize  # noqa: E402
 from metaspike_d2.d2.engine import (  # noqa: E402
+    AverageBuffersHook,
     apply_backbone_norm,
     build_resumable_train_loader,
     build_train_loop,
     create_ddp_model,
+    log_cpu_processes,
+    resolve_num_processes,
 )
 from metaspike_d2.d2.ema import build_model_ema_hook  # noqa: E402
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
@@ -81,12 +85,16 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        hooks = super().build_hooks()
+        hook_list = super().build_hooks()
+        if comm.get_world_size() > 1:  # one model for every process to checkpoint and evaluate
+            before = (hooks.PeriodicCheckpointer, hooks.EvalHook)
+            first = next(i for i, h in enumerate(hook_list) if isinstance(h, before))
+            hook_list.insert(first, AverageBuffersHook(self.cfg.TEST.EVAL_PERIOD))
         # MODEL_EMA: after the LR scheduler, before the checkpointer and the evaluation (metaspike_d2/d2/ema.py)
         ema_hook = build_model_ema_hook(self.cfg, self)
         if ema_hook is not None:
-            hooks.insert(2, ema_hook)
-        return hooks
+            hook_list.insert(2, ema_hook)
+        return hook_list
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -133,13 +141,21 @@ class Trainer(DefaultTrainer):
         return build_lr_scheduler(cfg, optimizer)
 
 
-def setup(args):
+def load_config(args):
+    """The frozen config of ``--config-file`` and the command line's overrides (no side effects)."""
     cfg = get_cfg()
     add_metaspike_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="metaspike_d2", abbrev_name="ms")
+    log_cpu_processes(cfg)
     if cfg.CPU_THREADS > 0:
         torch.set_num_threads(cfg.CPU_THREADS)
     return cfg
@@ -161,8 +177,24 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    logging.getLogger(__name__).info("Command line arguments: %s", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+def argument_parser():
+    """Detectron2's parser, with ``--num-gpus`` unset by default (the config's CPU_PROCESSES then decides) and
+    ``--dist-url auto`` (a free local port, so that two runs on one machine do not collide; runs on several
+    machines must give it)."""
+    parser = default_argument_parser()
+    parser.set_defaults(num_gpus=None, dist_url="auto")
+    return parser
+
+
+def launch_from_args(args):
+    """``launch(main, ...)`` with as many processes as :func:`resolve_num_processes` gives."""
+    num_procs = resolve_num_processes(load_config(args), args.num_gpus)
+    args.num_gpus = num_procs
+    launch(main, num_procs, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command line arguments: %s", args)
+    launch_from_args(args)

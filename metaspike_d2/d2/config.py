@@ -72,6 +72,10 @@ def add_metaspike_config(cfg: CN) -> None:
     # torch intra-op threads for CPU runs (applied by tools/train_net.py and tools/demo.py); 0 keeps
     # torch's default. 1 avoids OpenMP oversubscription on small, busy machines (the CPU quickstart).
     _C.CPU_THREADS = 0
+    # Processes tools/train_net.py launches when MODEL.DEVICE is "cpu" and --num-gpus is not given: N > 1
+    # trains data-parallel (gloo, DistributedDataParallel) with SOLVER.IMS_PER_BATCH split over them, each
+    # process using CPU_THREADS threads. --num-gpus, when given, overrides it.
+    _C.CPU_PROCESSES = 1
 
     # ------------------------------------------------------------------------------------------
     # Solver additions (used by metaspike_d2.d2.solver)

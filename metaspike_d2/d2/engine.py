@@ -11,24 +11,33 @@
   SyncBN with several CPU processes is refused at build time.
 * :class:`ResumableSampler` / :func:`build_resumable_train_loader`: on ``--resume`` the training sample
   stream continues where the interrupted run stopped instead of starting over.
+* :func:`resolve_num_processes`: how many processes ``tools/train_net.py`` launches (``--num-gpus``, or
+  ``CPU_PROCESSES`` for CPU configs: data-parallel training on a multi-core CPU).
+* :class:`AverageBuffersHook`: with several processes, BatchNorm running statistics differ per process
+  (``broadcast_buffers=False``); they are averaged before every checkpoint that is evaluated, so each
+  process evaluates, and ``model_final.pth`` holds, the same model.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 
 import torch
+import torch.distributed as dist
 from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
-from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
 from detectron2.utils import comm
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backbone import MetaSpikeFormer
 from ..blocks import convert_sync_batchnorm
 
 __all__ = ["create_ddp_model", "build_train_loop", "apply_backbone_norm", "model_device", "ResumableSampler",
-           "build_resumable_train_loader"]
+           "build_resumable_train_loader", "resolve_num_processes", "log_cpu_processes", "average_buffers",
+           "AverageBuffersHook"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +118,70 @@ def build_resumable_train_loader(cfg, mapper):
     kwargs = _train_loader_from_config(cfg, mapper=mapper)
     kwargs["sampler"] = ResumableSampler(kwargs["sampler"])
     return build_detection_train_loader(**kwargs), kwargs["sampler"]
+
+
+def resolve_num_processes(cfg, num_gpus: int | None) -> int:
+    """Processes per machine for ``launch``: ``--num-gpus`` when given, else ``CPU_PROCESSES`` for a CPU
+    config (``MODEL.DEVICE`` "cpu") and 1 otherwise."""
+    if num_gpus is not None:
+        if num_gpus < 1:
+            raise ValueError(f"--num-gpus must be >= 1, got {num_gpus}")
+        return num_gpus
+    if cfg.MODEL.DEVICE != "cpu":
+        return 1
+    if cfg.CPU_PROCESSES < 1:
+        raise ValueError(f"CPU_PROCESSES must be >= 1, got {cfg.CPU_PROCESSES}")
+    return cfg.CPU_PROCESSES
+
+
+def log_cpu_processes(cfg) -> None:
+    """In a multi-process CPU run, say so, and warn when the processes' threads outnumber the cores."""
+    procs = comm.get_world_size()
+    if procs == 1 or cfg.MODEL.DEVICE != "cpu":
+        return
+    threads = max(cfg.CPU_THREADS, 1)
+    logger.info("training data-parallel in %d CPU processes (gloo), images per process and step: %d",
+                procs, cfg.SOLVER.IMS_PER_BATCH // procs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores is not None and threads * procs > cores:
+        logger.warning("%d processes x CPU_THREADS=%d on %d cores: the processes share cores and every step "
+                       "takes longer (CPU_PROCESSES 1 runs the same total batch in one process)", procs, threads, cores)
+
+
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module) -> int:
+    """Average every floating-point buffer of ``model`` (BatchNorm running statistics) over the processes.
+
+    Returns how many buffers were averaged (0 in a single process). Integer buffers (``num_batches_tracked``)
+    are equal across processes and left alone.
+    """
+    if comm.get_world_size() == 1:
+        return 0
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return 0
+    flat = _flatten_dense_tensors(buffers)
+    dist.all_reduce(flat)
+    flat /= comm.get_world_size()
+    for buf, avg in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+        buf.copy_(avg)
+    return len(buffers)
+
+
+class AverageBuffersHook(HookBase):
+    """Averages the BatchNorm running statistics over the processes after the last iteration and after every
+    ``eval_period``-th one, before the checkpointer and the evaluation hook run (insert it before them).
+
+    With ``broadcast_buffers=False`` each process keeps the statistics of its own images: without this, each
+    process would evaluate its share of the test set with a different model, and ``model_final.pth`` (written
+    by the main process) would not be the model whose results are printed.
+    """
+
+    def __init__(self, eval_period: int):
+        self._period = eval_period
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
+            average_buffers(self.trainer.model)
