@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train quickstart roi_align ema]
                              [--threads 2] [--reps 3] [--size 224] [--det-size 512]
+    python benchmarks/run.py --output benchmarks/results/cpu_processes.json --parts processes  # not a default part
 
 Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
 
@@ -16,8 +17,9 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
               ``mask_rcnn_R_50_FPN_3x``), all built without weights.
 ``train``     one training step (forward with losses, backward, SGD step) of the same Mask R-CNNs on
               one ``--det-size`` image with 3 random boxes and masks.
-``quickstart`` one training step of the detection quickstart (configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml:
-              2 images of 160x160, AdamW), each form with its own model and optimizer, each adding one change:
+``quickstart`` one training step of one process of the detection quickstart
+              (configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml: 2 images of 160x160 per process, AdamW),
+              each form with its own model and optimizer, each adding one change:
               ``baseline``          neurons on spikingjelly's CPU op, torch's default (for-loop) AdamW,
                                     NCHW depthwise convs (the quickstart before the CPU training paths);
               ``+ CPU LIF``         neurons on ``LIFSurrogateCPU``;
@@ -31,6 +33,12 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
               ``coco-p2``     512 RoIs of 32-224 px on p2 of a 512x512 image (2 x 256 x 128 x 128), where the
                               dense matmul form does more arithmetic and needs far more memory than
                               torchvision's loop (which stays the default kernel).
+``processes`` the quickstart's training loop (``tools/train_net.py``, ``--process-iters`` iterations, no
+              evaluation) in one process at 2 images per step (the baseline) vs ``CPU_PROCESSES 2`` at 2
+              images per process (the committed config, 4 per step); runs alternate, ``--process-reps`` each.
+              Reported: seconds per step from Detectron2's "Overall training speed" line (it leaves out the
+              first iterations), and images per second. ``--threads`` does not apply (the config's
+              ``CPU_THREADS: 1`` does). Not in the default parts: it takes minutes and needs both cores to itself.
 ``ema``       one ``MODEL_EMA`` update of the quickstart detector's weights: timm's ``ModelEmaV3`` (the
               baseline, two ``state_dict()`` walks per update) vs the hook's ``_ModelEma`` (tensor lists
               gathered once; metaspike_d2/d2/ema.py).
@@ -46,7 +54,11 @@ import argparse
 import gc
 import json
 import os
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -200,7 +212,7 @@ def bench_quickstart(args, rows):
 
     cfg = _d2_cfg(os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_metaspike_tiny_shapes.yaml"))
     batch = []
-    for i in range(cfg.SOLVER.IMS_PER_BATCH):
+    for i in range(cfg.SOLVER.IMS_PER_BATCH // cfg.CPU_PROCESSES):  # one process's share of the batch
         image = _train_inputs(160)[0]
         image["instances"].gt_classes = torch.tensor([0, 1, 2])
         image["image"] = image["image"].roll(40 * i, dims=-1)
@@ -264,6 +276,33 @@ def bench_roi_align(args, rows):
                              rois=rois.shape[0]))
 
 
+def bench_processes(args, rows):
+    config = os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_metaspike_tiny_shapes.yaml")
+    cases = {"1 process x 2 images": (2, ["--num-gpus", "1", "SOLVER.IMS_PER_BATCH", "2"]),
+             "2 processes x 2 images": (4, ["CPU_PROCESSES", "2", "SOLVER.IMS_PER_BATCH", "4"])}
+    step_s = {name: [] for name in cases}
+    print(f"[processes] {list(cases)} x {args.process_reps}, {args.process_iters} iterations each ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_processes_") as tmp:
+        for rep in range(args.process_reps):
+            for i, (name, (_, opts)) in enumerate(cases.items()):
+                cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config, *opts,
+                       "SOLVER.MAX_ITER", str(args.process_iters), "DATASETS.TEST", "()",
+                       "OUTPUT_DIR", os.path.join(tmp, f"{rep}_{i}")]
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+                log = proc.stdout + proc.stderr
+                found = re.search(r"Overall training speed: \d+ iterations in \S+ \(([\d.]+) s / it\)", log)
+                if proc.returncode != 0 or found is None:
+                    raise RuntimeError(f"[processes] {' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-3000:]}")
+                step_s[name].append(float(found.group(1)))
+                print(f"  {name}: {step_s[name][-1]:.3f} s / step", flush=True)
+    for name, (images, _) in cases.items():
+        median = statistics.median(step_s[name])
+        rows.append(_row("processes", name, {"median_s": median, "median_cpu_s": float("nan"), "peak_mem_mib": None,
+                                             "all_s": step_s[name], "images_per_s": images / median},
+                         input=f"{images}x160x160"))
+
+
 def bench_ema(args, rows):
     from timm.utils import ModelEmaV3
 
@@ -299,6 +338,10 @@ def ratios(rows):
             out.append({"part": r["part"], "setting": r["setting"], "case": r["case"],
                         "speedup_vs_baseline_wall": base["median_s"] / r["median_s"],
                         "speedup_vs_baseline_cpu": base["median_cpu_s"] / r["median_cpu_s"]})
+        elif r["part"] == "processes":
+            base = key[("processes", None, None, "1 process x 2 images")]
+            out.append({"part": r["part"], "case": r["case"], "step_time_vs_baseline": r["median_s"] / base["median_s"],
+                        "images_per_s_vs_baseline": r["images_per_s"] / base["images_per_s"]})
         elif r["part"] in ("quickstart", "ema"):
             base = key[(r["part"], None, None, "baseline" if r["part"] == "quickstart" else "timm ModelEmaV3")]
             out.append({"part": r["part"], "case": r["case"],
@@ -326,6 +369,9 @@ def print_table(rows, rats, info):
                 note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
         elif r["part"] in ("quickstart", "ema", "roi_align"):
             note = f"x{q['speedup_vs_baseline_wall']:.2f} | x{q['speedup_vs_baseline_cpu']:.2f} vs baseline"
+        elif r["part"] == "processes":
+            note = (f"{r['images_per_s']:.1f} images/s: x{q['images_per_s_vs_baseline']:.2f} images/s, "
+                    f"x{q['step_time_vs_baseline']:.2f} step time vs 1 process")
         elif q:
             note = f"{q['time_over_R50_wall']:.2f} | {q['time_over_R50_cpu']:.2f} of R50-FPN time"
         else:
@@ -339,13 +385,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema"],
-                        choices=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema"])
+                        choices=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema",
+                                 "processes"])
     parser.add_argument("--variants", nargs="+", default=["15m", "55m"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--det-size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--train-reps", type=int, default=2)
     parser.add_argument("--quickstart-reps", type=int, default=20)
+    parser.add_argument("--process-reps", type=int, default=3)
+    parser.add_argument("--process-iters", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -355,7 +404,8 @@ def main(argv=None) -> int:
     info = machine_info()
     rows = []
     parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train,
-             "quickstart": bench_quickstart, "roi_align": bench_roi_align, "ema": bench_ema}
+             "quickstart": bench_quickstart, "roi_align": bench_roi_align, "ema": bench_ema,
+             "processes": bench_processes}
     for part in args.parts:
         parts[part](args, rows)
         gc.collect()
