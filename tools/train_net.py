@@ -155,9 +155,9 @@ def setup(args):
     cfg = load_config(args)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="metaspike_d2", abbrev_name="ms")
-    log_cpu_processes(cfg)
     if cfg.CPU_THREADS > 0:
         torch.set_num_threads(cfg.CPU_THREADS)
+    log_cpu_processes(cfg)
     return cfg
 
 

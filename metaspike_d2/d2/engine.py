@@ -24,20 +24,18 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
 from detectron2.utils import comm
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from timm.utils import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backbone import MetaSpikeFormer
 from ..blocks import convert_sync_batchnorm
 
 __all__ = ["create_ddp_model", "build_train_loop", "apply_backbone_norm", "model_device", "ResumableSampler",
-           "build_resumable_train_loader", "resolve_num_processes", "log_cpu_processes", "average_buffers",
-           "AverageBuffersHook"]
+           "build_resumable_train_loader", "resolve_num_processes", "log_cpu_processes", "AverageBuffersHook"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,43 +133,24 @@ def resolve_num_processes(cfg, num_gpus: int | None) -> int:
 
 
 def log_cpu_processes(cfg) -> None:
-    """In a multi-process CPU run, say so, and warn when the processes' threads outnumber the cores."""
+    """In a multi-process CPU run, say so, and warn when the processes' threads (this process's torch threads,
+    once ``CPU_THREADS`` is applied) outnumber the cores."""
     procs = comm.get_world_size()
     if procs == 1 or cfg.MODEL.DEVICE != "cpu":
         return
-    threads = max(cfg.CPU_THREADS, 1)
+    threads = torch.get_num_threads()
     logger.info("training data-parallel in %d CPU processes (gloo), images per process and step: %d",
                 procs, cfg.SOLVER.IMS_PER_BATCH // procs)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if cores is not None and threads * procs > cores:
-        logger.warning("%d processes x CPU_THREADS=%d on %d cores: the processes share cores and every step "
-                       "takes longer (CPU_PROCESSES 1 runs the same total batch in one process)", procs, threads, cores)
-
-
-@torch.no_grad()
-def average_buffers(model: torch.nn.Module) -> int:
-    """Average every floating-point buffer of ``model`` (BatchNorm running statistics) over the processes.
-
-    Returns how many buffers were averaged (0 in a single process). Integer buffers (``num_batches_tracked``)
-    are equal across processes and left alone.
-    """
-    if comm.get_world_size() == 1:
-        return 0
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return 0
-    flat = _flatten_dense_tensors(buffers)
-    dist.all_reduce(flat)
-    flat /= comm.get_world_size()
-    for buf, avg in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
-        buf.copy_(avg)
-    return len(buffers)
+        logger.warning("%d processes x %d threads on %d cores: the processes share cores and every step takes "
+                       "longer (CPU_PROCESSES 1 runs the same total batch in one process)", procs, threads, cores)
 
 
 class AverageBuffersHook(HookBase):
-    """Averages the BatchNorm running statistics over the processes after the last iteration and after every
-    ``eval_period``-th one, before the checkpointer and the evaluation hook run (insert it before them).
+    """Averages the BatchNorm running statistics over the processes (timm's ``distribute_bn``, an all-reduce
+    of every ``running_mean`` / ``running_var``) after the last iteration and after every ``eval_period``-th
+    one, before the checkpointer and the evaluation hook run (insert it before them; only in multi-process runs).
 
     With ``broadcast_buffers=False`` each process keeps the statistics of its own images: without this, each
     process would evaluate its share of the test set with a different model, and ``model_final.pth`` (written
@@ -184,4 +163,4 @@ class AverageBuffersHook(HookBase):
     def after_step(self):
         next_iter = self.trainer.iter + 1
         if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
-            average_buffers(self.trainer.model)
+            distribute_bn(self.trainer.model, comm.get_world_size(), reduce=True)
