@@ -24,9 +24,22 @@ from typing import Dict, Iterable, Sequence, Tuple
 import torch
 from torch import nn
 
-from .blocks import ConvBlock, Downsample, TransformerBlock
+from .blocks import PROJ_BN_EPS, ConvBlock, Downsample, SpikeDrivenSelfAttention, TransformerBlock
+from .neurons import MultiStepLIF
 
-__all__ = ["VARIANTS", "Variant", "MetaSpikeFormer", "FEATURE_NAMES", "FeatureInfo"]
+__all__ = ["VARIANTS", "Variant", "MetaSpikeFormer", "FEATURE_NAMES", "FeatureInfo", "V_THRESHOLD",
+           "ORIGINAL_V_THRESHOLD", "NEURON_SETTINGS"]
+
+#: Firing threshold of the backbone's neurons in new models (the attention neurons get half of it). At T=1
+#: a neuron fires where its input reaches tau * V_th, i.e. 1 here: ~16 % of BN-normalized inputs at
+#: initialization, where the original's 1.0 (input >= 2) fires ~2 % and trains far more slowly from
+#: scratch (docs/deviations.md).
+V_THRESHOLD = 0.5
+#: The original code's threshold; converted original checkpoints carry it.
+ORIGINAL_V_THRESHOLD = 1.0
+#: Buffers of :class:`MetaSpikeFormer` that store the neuron settings with the weights, so a checkpoint
+#: restores the settings it was trained with whatever the model was built with.
+NEURON_SETTINGS = ("v_threshold", "attn_proj_bn_eps")
 
 
 @dataclass(frozen=True)
@@ -81,14 +94,18 @@ class MetaSpikeFormer(nn.Module):
         in_chans: input channels of the encoding conv.
         num_heads: SDSA heads in stages 3 and 4.
         drop_path_rate: stochastic depth, linearly increasing over the 8 transformer blocks.
-        v_threshold: firing threshold of the backbone's LIF neurons (the original's 1.0; the attention
-            neurons get half of it, as the original's 0.5). Lower values fire more at initialization.
-        attn_proj_bn_eps: eps of the BNs in each SDSA output projection (the original's 1e-5; 0.1 keeps
-            training from scratch stable at small inputs, see :class:`SpikeDrivenSelfAttention`).
+        v_threshold: firing threshold of the backbone's LIF neurons (:data:`V_THRESHOLD`, 0.5; the original's
+            1.0); the attention neurons get half of it, as in the original.
+        attn_proj_bn_eps: eps of the BNs in each SDSA output projection (0.1; the original's 1e-5 is what
+            converted original checkpoints carry; see :class:`~metaspike_d2.blocks.SpikeDrivenSelfAttention`).
         stage4_stride: 1 (the paper, stride 16) or 2 (stride 32, used for detection).
         out_features: which of :data:`FEATURE_NAMES` ``forward`` returns; computing stops after the last.
 
     A 5-D input ``(T, B, C, H, W)`` (e.g. event frames) is used as is, and then sets T.
+
+    ``v_threshold`` and ``attn_proj_bn_eps`` are stored as the buffers :data:`NEURON_SETTINGS` of the
+    state dict: loading weights applies the settings they were trained with (a converted original
+    checkpoint: 1.0 and 1e-5), so no flag has to match the weights.
     """
 
     def __init__(
@@ -100,8 +117,8 @@ class MetaSpikeFormer(nn.Module):
         in_chans: int = 3,
         num_heads: int = 8,
         drop_path_rate: float = 0.0,
-        attn_proj_bn_eps: float = 1e-5,
-        v_threshold: float = 1.0,
+        attn_proj_bn_eps: float = PROJ_BN_EPS,
+        v_threshold: float = V_THRESHOLD,
         stage4_stride: int = 1,
         out_features: Sequence[str] = ("stage4",),
     ):
@@ -127,11 +144,29 @@ class MetaSpikeFormer(nn.Module):
         self.stage3 = Stage(down(c1, c2), [block(c2, drop_path=dpr[i]) for i in range(6)])
         self.stage4 = Stage(down(c2, c3, stride=stage4_stride), [block(c3, drop_path=dpr[6 + i]) for i in range(2)])
 
+        self.register_buffer("v_threshold", torch.tensor(float(v_threshold), dtype=torch.float64))
+        self.register_buffer("attn_proj_bn_eps", torch.tensor(float(attn_proj_bn_eps), dtype=torch.float64))
+
         strides = (2, 4, 8, 16, 16 * stage4_stride)
         channels = (c0 // 2, c0, c1, c2, c3)
         self.feature_info: Dict[str, FeatureInfo] = {
             name: FeatureInfo(ch, st) for name, ch, st in zip(FEATURE_NAMES, channels, strides)
         }
+
+    def apply_neuron_settings(self) -> None:
+        """Give every neuron and SDSA projection the settings held in the :data:`NEURON_SETTINGS` buffers."""
+        v = float(self.v_threshold)
+        for module in self.modules():
+            if isinstance(module, MultiStepLIF):
+                module.v_threshold = v
+        for module in self.modules():
+            if isinstance(module, SpikeDrivenSelfAttention):
+                module.set_thresholds(v, 0.5 * v)
+                module.set_proj_bn_eps(float(self.attn_proj_bn_eps))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.apply_neuron_settings()  # the settings the loaded weights were trained with
 
     @property
     def time_steps(self) -> int:

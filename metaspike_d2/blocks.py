@@ -186,6 +186,12 @@ class ConvBlock(nn.Module):
         return x + seq_apply(lambda s: self.bn2(self.conv2(s)), self.lif2(y))
 
 
+#: eps of the BatchNorms of each SDSA output projection in new models (see SpikeDrivenSelfAttention).
+PROJ_BN_EPS = 0.1
+#: The original code's eps there (nn.BatchNorm default); converted original checkpoints carry it.
+ORIGINAL_PROJ_BN_EPS = 1e-5
+
+
 class SpikeDrivenSelfAttention(nn.Module):
     """Spike-driven self-attention (SDSA, ``MS_Attention_RepConv_qkv_id``). ``(T, B, C, H, W) -> same``.
 
@@ -194,15 +200,19 @@ class SpikeDrivenSelfAttention(nn.Module):
     original), spiked by a neuron with threshold ``attn_threshold`` (0.5), then projected by ``BN(RepConv(.))``.
     ``v_threshold`` is the threshold of the other four neurons (input, Q, K, V; the original's 1.0).
 
-    ``proj_bn_eps`` is the eps of the three BatchNorms of that projection (the original's 1e-5). While the
-    attention neuron is silent (at initialization with few tokens, e.g. a small model on small images)
-    those BNs see a constant input and each multiplies the gradient by ``1/sqrt(eps)`` (316), 3e7 over
-    the chain; 0.1 caps it at about 3 per BN (docs/deviations.md). Weights trained with one eps should be
-    used with the same eps.
+    ``proj_bn_eps`` is the eps of the three BatchNorms of that projection. The original's is 1e-5; here it is
+    0.1 (:data:`PROJ_BN_EPS`). The projection normalizes the attention neuron's spikes, which at
+    initialization are all zero wherever few tokens meet per head (small inputs, narrow models): a BN over
+    a constant input then multiplies its input gradient by ``1/sqrt(eps)`` (316 at 1e-5, 3e7 over the
+    three BNs: the from-scratch gradient blow-up), and in eval its running variance has decayed to ~0, so
+    the first spikes that do arrive are amplified as much (train loss falls, val accuracy stays at
+    chance). At 0.1 each BN's gain is at most ~3. The value travels with the weights (converted original
+    checkpoints carry 1e-5), so every load restores the eps a model
+    was trained with (:class:`~metaspike_d2.backbone.MetaSpikeFormer` stores it with the weights).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, v_threshold: float = 1.0,
-                 attn_threshold: float = 0.5, proj_bn_eps: float = 1e-5):
+                 attn_threshold: float = 0.5, proj_bn_eps: float = PROJ_BN_EPS):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"SDSA width {dim} is not divisible by num_heads={num_heads}")
@@ -214,8 +224,17 @@ class SpikeDrivenSelfAttention(nn.Module):
         self.v_conv, self.v_bn, self.v_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF(v_threshold)
         self.attn_lif = MultiStepLIF(v_threshold=attn_threshold)
         self.proj_conv, self.proj_bn = RepConv(dim, dim), nn.BatchNorm2d(dim)
+        self.set_proj_bn_eps(proj_bn_eps)
+
+    def set_proj_bn_eps(self, eps: float) -> None:
         for bn in (self.proj_conv.bn_pad, self.proj_conv.bn, self.proj_bn):
-            bn.eps = proj_bn_eps
+            bn.eps = float(eps)
+
+    def set_thresholds(self, v_threshold: float, attn_threshold: float) -> None:
+        """Firing thresholds of the input, Q, K, V neurons and of the attention neuron."""
+        for lif in (self.head_lif, self.q_lif, self.k_lif, self.v_lif):
+            lif.v_threshold = float(v_threshold)
+        self.attn_lif.v_threshold = float(attn_threshold)
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:
         """``(T, B, C, H, W) -> (T, B, heads, N, d_h)`` with head-major channels."""
@@ -266,7 +285,7 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4, drop_path: float = 0.0,
-                 attn_proj_bn_eps: float = 1e-5, v_threshold: float = 1.0):
+                 attn_proj_bn_eps: float = PROJ_BN_EPS, v_threshold: float = 1.0):
         super().__init__()
         # the attention neuron keeps the original's ratio to the others (0.5 : 1)
         self.attn = SpikeDrivenSelfAttention(dim, num_heads, v_threshold=v_threshold, attn_threshold=0.5 * v_threshold,

@@ -20,6 +20,9 @@ from typing import Any, Dict, List, Mapping, Tuple
 import torch
 from torch import nn
 
+from .backbone import ORIGINAL_V_THRESHOLD
+from .blocks import ORIGINAL_PROJ_BN_EPS
+
 __all__ = [
     "CheckpointError",
     "LoadReport",
@@ -216,7 +219,9 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], source: 
     """Map an original ``Spiking_vit_MetaFormer`` state dict to ours, key by key.
 
     ``head`` and ``head_kd`` are converted when present. Fails listing every missing or unexpected key.
-    The token-MLP weights change from Conv1d ``(out, in, 1)`` to 1x1 Conv2d ``(out, in, 1, 1)``.
+    The token-MLP weights change from Conv1d ``(out, in, 1)`` to 1x1 Conv2d ``(out, in, 1, 1)``. The
+    neuron-setting buffers get the original's values (``v_threshold`` 1.0, ``attn_proj_bn_eps`` 1e-5), so a
+    converted checkpoint computes the original's logits in a model built with this project's defaults.
     """
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     heads = tuple(h for h in ("head", "head_kd") if f"{h}.weight" in state_dict)
@@ -233,6 +238,9 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], source: 
         if ".mlp.fc" in ours and ours.endswith(".weight") and value.dim() == 3:
             value = value.unsqueeze(-1)
         out[ours] = value
+    # the neuron settings the original trained with (MetaSpikeFormer applies them on load)
+    out["v_threshold"] = torch.tensor(ORIGINAL_V_THRESHOLD, dtype=torch.float64)
+    out["attn_proj_bn_eps"] = torch.tensor(ORIGINAL_PROJ_BN_EPS, dtype=torch.float64)
     return out
 
 

@@ -15,7 +15,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from .backbone import VARIANTS, MetaSpikeFormer
+from .backbone import V_THRESHOLD, VARIANTS, MetaSpikeFormer
+from .blocks import PROJ_BN_EPS
 from .neurons import MultiStepLIF, mean_over_time
 
 __all__ = ["MetaSpikeFormerClassifier", "MODEL_NAMES", "ALIASES"]
@@ -45,8 +46,8 @@ class MetaSpikeFormerClassifier(MetaSpikeFormer):
         num_heads: int = 8,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        attn_proj_bn_eps: float = 1e-5,
-        v_threshold: float = 1.0,
+        attn_proj_bn_eps: float = PROJ_BN_EPS,
+        v_threshold: float = V_THRESHOLD,
     ):
         super().__init__(widths, variant=variant, time_steps=time_steps, in_chans=in_chans,
                          num_heads=num_heads, drop_path_rate=drop_path_rate, attn_proj_bn_eps=attn_proj_bn_eps,

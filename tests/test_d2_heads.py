@@ -116,8 +116,9 @@ def test_rpn_head_outputs_detectron2_layout():
 
 
 def test_neuron_settings_reach_the_heads():
-    model = build_model(make_cfg(MASK, "MODEL.METASPIKE.NEURON.V_THRESHOLD", 0.5))
+    model = build_model(make_cfg(MASK, "MODEL.METASPIKE.NEURON.V_THRESHOLD", 0.75))
     lifs = [m for n, m in model.named_modules()
             if isinstance(m, MultiStepLIF) and not n.startswith("backbone.bottom_up")]
-    assert lifs and all(m.v_threshold == 0.5 for m in lifs)
-    assert all(m.v_threshold in (1.0, 0.5) for m in model.backbone.bottom_up.modules() if isinstance(m, MultiStepLIF))
+    assert lifs and all(m.v_threshold == 0.75 for m in lifs)
+    # the backbone's neurons keep their own settings (stored with its weights): 0.5, attention 0.25
+    assert {m.v_threshold for m in model.backbone.bottom_up.modules() if isinstance(m, MultiStepLIF)} == {0.5, 0.25}

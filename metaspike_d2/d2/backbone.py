@@ -78,8 +78,6 @@ def build_metaspike_backbone(cfg, input_shape: ShapeSpec) -> MetaSpikeFormerBack
         in_chans=input_shape.channels,
         num_heads=m.NUM_HEADS,
         drop_path_rate=m.DROP_PATH_RATE,
-        attn_proj_bn_eps=m.ATTN_PROJ_BN_EPS,
-        v_threshold=m.BACKBONE_V_THRESHOLD,
         stage4_stride=m.STAGE4_STRIDE,
         out_features=m.OUT_FEATURES,
         average_time=not m.SPIKING_HEADS,

@@ -26,15 +26,6 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.NUM_HEADS = 8
     # Stochastic depth over the 8 transformer blocks (rate rises linearly to this value).
     _C.MODEL.METASPIKE.DROP_PATH_RATE = 0.0
-    # Eps of the three BatchNorms in each SDSA output projection. 1e-5 is the original's; from scratch at
-    # small inputs the attention neurons are silent at first and these BNs then multiply the gradient by
-    # 1/sqrt(eps) each, so the detection and classification quickstarts use 0.1. Keep the value the
-    # backbone weights were trained with.
-    _C.MODEL.METASPIKE.ATTN_PROJ_BN_EPS = 1e-5
-    # Firing threshold of the backbone's LIF neurons (the attention neurons get half). 1.0 is the
-    # original's; the detection and classification quickstarts use 0.5 so that more neurons fire early
-    # in training. Keep the value the backbone weights were trained with.
-    _C.MODEL.METASPIKE.BACKBONE_V_THRESHOLD = 1.0
     # Stride of the stage-4 downsample: 2 puts stage 4 at stride 32 (features at 4/8/16/32, the
     # detection default); 1 is the paper's backbone (stage 4 at stride 16, like stage 3), in which
     # case the FPN must be built from features at 4/8/16 (e.g. stage1, stage2, stage4).
@@ -53,10 +44,12 @@ def add_metaspike_config(cfg: CN) -> None:
     # backward on the CPU at the quickstart's p2, docs/benchmarks.md Table F; its work grows with the map's
     # area, so keep "torchvision" for COCO-sized inputs and on GPUs).
     _C.MODEL.METASPIKE.ROI_ALIGN_KERNEL = "torchvision"
-    # Neurons of the spiking neck and heads (the backbone's threshold is BACKBONE_V_THRESHOLD).
+    # Neurons of the spiking neck and heads. (The backbone's neuron settings are part of its weights:
+    # metaspike_d2.backbone.NEURON_SETTINGS; new backbones fire at V_th 0.5, converted original ones at 1.0.)
     _C.MODEL.METASPIKE.NEURON = CN()
-    # Firing threshold V_th (at T=1 a neuron fires iff its input >= 2 * V_th).
-    _C.MODEL.METASPIKE.NEURON.V_THRESHOLD = 1.0
+    # Firing threshold V_th (at T=1 a neuron fires iff its input >= tau * V_th = 1: ~16% of normalized
+    # inputs at initialization; the original's 1.0 fires ~2% and wakes up slowly from scratch).
+    _C.MODEL.METASPIKE.NEURON.V_THRESHOLD = 0.5
     # Membrane time constant tau (> 1).
     _C.MODEL.METASPIKE.NEURON.TAU = 2.0
     # Steepness alpha of the sigmoid surrogate gradient.
@@ -109,6 +102,10 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.SEM_SEG.TIME_MODE = "mean"
     # Dropout2d before the classifier of SpikeSemSegFPNHead (the original: 0.1).
     _C.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
+    # Per-class weights of SpikeSemSegFPNHead's cross-entropy: "" (none, the original's) or "median_frequency"
+    # (w_c = median(f) / f_c over DATASETS.TRAIN's label maps, read once when the model is built; lets small,
+    # rare classes such as poles and pedestrians be learnt at all on small datasets).
+    _C.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = ""
     # Learning-rate multipliers as [[substring, factor], ...]: a parameter whose full name contains the
     # substring gets BASE_LR * factor (the first match wins), like mmseg's paramwise custom_keys; e.g.
     # [["sem_seg_head.", 2.0], ["backbone.lateral_convs.", 2.0]]. Used by the ADAMW optimizer.
