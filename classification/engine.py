@@ -13,9 +13,17 @@ import torch.distributed as dist
 from timm.utils import accuracy
 from tqdm import tqdm
 
-__all__ = ["train_one_epoch", "evaluate", "is_main_process", "all_reduce_sum"]
+from metaspike_d2.divergence import (TROUBLESHOOTING, TrainingDivergedError, describe_bad_gradients,
+                                     diverged_message, total_grad_norm)
+
+__all__ = ["train_one_epoch", "evaluate", "is_main_process", "all_reduce_sum", "LossTrendMonitor",
+           "TrainingDivergedError"]
 
 logger = logging.getLogger(__name__)
+
+REMEDIES = ("a lower learning rate (--lr / --blr; a longer --warmup-epochs)",
+            "gradient clipping: --clip-grad (e.g. 1.0)",
+            "check the input normalization (mean / std of the images; a constant or unnormalized input)")
 
 
 def is_main_process() -> bool:
@@ -38,7 +46,9 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
     model.train()
     updates_per_epoch = math.ceil(len(loader) / accum_iter)
     num_updates = epoch * updates_per_epoch
-    loss_sum, n_seen, bad_steps, start = 0.0, 0, 0, time.time()
+    loss_sum, n_seen, bad_steps, opt_steps, start = 0.0, 0, 0, 0, time.time()
+    first_bad_param: Optional[str] = None  # the first parameter with a non-finite gradient in this epoch
+    bad_grads = ""  # where the first skipped step was and what its gradients looked like
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True,
                file=sys.stderr, mininterval=1.0)
     optimizer.zero_grad(set_to_none=True)
@@ -65,25 +75,35 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
                 raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}; stopping")
             scaler.scale(loss / accum_iter).backward()
         if last_micro:
+            opt_steps += 1
             scaler.unscale_(optimizer)
             # the total norm is also a health check: a non-finite norm without a GradScaler (bf16 / fp32) means
-            # the step is lost (timm's LAMB zeroes the gradients when its global norm overflows)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads).item()
-            if clip_grad and math.isfinite(grad_norm):  # (clipping by a non-finite norm would write NaNs)
+            # the step would poison the weights (or be silently zeroed: timm's LAMB)
+            grad_norm = total_grad_norm(model.parameters())
+            finite = math.isfinite(grad_norm)
+            if clip_grad and finite:  # (clipping by a non-finite norm would write NaNs)
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip_grad, grad_norm)
-            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            # with a GradScaler (CUDA fp16) an overflow is normal early on: scaler.step skips it and lowers the scale
+            skip = not finite and not scaler.is_enabled()
+            if skip:
                 bad_steps += 1
                 if bad_steps == 1:
-                    logger.warning("epoch %d step %d: gradient norm %s; steps like this do not train the model "
-                                   "(classification/README.md, 'Silent attention')", epoch, step, grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+                    first_bad_param, desc = describe_bad_gradients(model)
+                    bad_grads = f"at step {step}, the first skipped one, {desc}"
+                    logger.warning("epoch %d step %d: gradient norm %s (%s); the optimizer step is skipped. If more "
+                                   "than half of an epoch's steps are skipped, training stops (%s; for a small "
+                                   "model at small inputs also classification/README.md, 'Training from scratch, small data')",
+                                   epoch, step, grad_norm, desc, TROUBLESHOOTING)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
+            # the scheduler steps on skipped updates too, so the lr schedule stays aligned with the epoch count
+            # (and with a resumed run, which counts updates the same way)
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
-            if model_ema is not None:
+            if model_ema is not None and not skip:
                 model_ema.update(getattr(model, "module", model), step=num_updates)
             lr = optimizer.param_groups[0]["lr"]
         bs = images.shape[0]
@@ -95,11 +115,42 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, devi
         if writer is not None and step % log_every == 0:
             writer.add_scalar("train/loss_step", loss_value, epoch * len(loader) + step)
     bar.close()
-    total_loss, total_n, bad_steps = all_reduce_sum([loss_sum, n_seen, bad_steps], device)
+    total_loss, total_n, bad_steps, opt_steps = all_reduce_sum([loss_sum, n_seen, bad_steps, opt_steps], device)
     elapsed = time.time() - start
+    bad_steps, opt_steps = int(bad_steps), int(opt_steps)
+    if bad_steps * 2 > opt_steps:  # more than half (summed over processes: every process raises together)
+        raise TrainingDivergedError(diverged_message(
+            f"{bad_steps} of {opt_steps} optimizer steps in epoch {epoch} were skipped because the total gradient "
+            "norm was non-finite (inf/NaN), and this epoch's weights were not saved",
+            bad_grads or "the first skipped step was on another process", REMEDIES),
+            skipped=bad_steps, total=opt_steps, first_param=first_bad_param)
     return {"train_loss": total_loss / max(total_n, 1), "lr": lr, "train_images": int(total_n),
             "train_img_per_s": total_n / max(elapsed, 1e-9), "train_time_s": elapsed,
-            "nonfinite_grad_steps": int(bad_steps)}
+            "nonfinite_grad_steps": bad_steps, "optimizer_steps": opt_steps}
+
+
+class LossTrendMonitor:
+    """Says once when the training loss has not fallen: after ``min_epochs`` or more epochs (of this run), if the
+    latest epoch's mean training loss is not at least ``min_drop`` (relative) below the first epoch's.
+
+    A warning only, never a stop: ``update(loss)`` returns the message the first time the condition holds, else
+    ``None``. With ``--resume`` the first epoch is the first one of this invocation.
+    """
+
+    def __init__(self, min_epochs: int = 3, min_drop: float = 0.02):
+        self.min_epochs, self.min_drop = min_epochs, min_drop
+        self.losses: list = []
+        self.warned = False
+
+    def update(self, loss: float) -> Optional[str]:
+        self.losses.append(float(loss))
+        n, first, last = len(self.losses), self.losses[0], self.losses[-1]
+        if self.warned or n < self.min_epochs or last <= first - self.min_drop * abs(first):
+            return None
+        self.warned = True
+        return (f"the training loss has not fallen in {n} epochs ({first:.4f} -> {last:.4f}): it is not "
+                f"{100 * self.min_drop:.0f}% below the first epoch's; the model may not be learning: check the "
+                "learning rate / recipe, see classification/README.md ('Training from scratch, small data')")
 
 
 @torch.no_grad()
