@@ -44,10 +44,13 @@ import metaspike_d2  # noqa: F401  (registers the models with timm)
 from metaspike_d2.checkpoint import (CheckpointError, convert_original_state_dict, extract_state_dict,
                                      load_checkpoint_file, load_state_dict_strict, save_atomic)
 from classification.data import DEFAULT_CROP_PCT, ShardSampler, build_dataset, build_transform
+from classification.recipe import RECIPES, SMALL_DATASET_IMAGES, SMALL_INPUT_SIZE, apply_recipe
 from classification.distill import DEFAULT_TEACHER, DistillationLoss, build_teacher
-from classification.engine import evaluate, is_main_process, train_one_epoch
+from classification.engine import LossTrendMonitor, evaluate, is_main_process, train_one_epoch
 
 logger = logging.getLogger("classification.train")
+
+RECIPE_HELP = "(default: from --recipe)"
 
 CHECKPOINT_LAST = "checkpoint-last.pth"
 CHECKPOINT_BEST = "checkpoint-best.pth"
@@ -65,12 +68,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="main head on spikes (released code) or pre-LIF membrane (before d95ad13; spec 4.6)")
     g.add_argument("--num-heads", type=int, default=8,
                    help="SDSA heads (the original's 8); changes no weight shape, so use the same value downstream")
-    g.add_argument("--attn-proj-bn-eps", type=float, default=1e-5,
-                   help="eps of the BNs in each SDSA output projection (the original's 1e-5; 0.1 keeps training "
-                   "from scratch at small inputs stable); changes no weight shape, so use the same value downstream")
-    g.add_argument("--v-threshold", type=float, default=1.0,
-                   help="firing threshold of the backbone neurons (the original's 1.0; attention neurons get half); "
-                   "changes no weight shape, so use the same value downstream")
     g.add_argument("--drop-path", type=float, default=0.0, help="drop-path rate (the original's 0.1 never reached the model)")
     g.add_argument("--finetune", default="", help="initialise from this checkpoint's weights (e.g. the T=1 run); "
                    "only head_kd may be missing (it starts from its init, as in the original)")
@@ -82,15 +79,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per class of the synthetic data")
     g.add_argument("--input-size", type=int, default=224)
     g.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT, help="eval resize = input / crop_pct (256 for 224)")
-    g.add_argument("--num-workers", type=int, default=10)
+    g.add_argument("--num-workers", type=int, default=min(10, max(1, (os.cpu_count() or 2) - 1)),
+                   help="data-loader workers per process (default: one less than the CPU count, at most 10)")
     g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True)
     g = p.add_argument_group("augmentation")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('' for none)")
-    g.add_argument("--reprob", type=float, default=0.25)
+    g.add_argument("--aa", default=None, help=f"timm auto-augment policy ('' for none) {RECIPE_HELP}")
+    g.add_argument("--reprob", type=float, default=None, help=f"random-erasing probability {RECIPE_HELP}")
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="RandomResizedCrop area range")
-    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--scale", type=float, nargs=2, default=None, help=f"RandomResizedCrop area range {RECIPE_HELP}")
+    g.add_argument("--smoothing", type=float, default=None, help=f"label smoothing {RECIPE_HELP}")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off, the original's default)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None)
@@ -98,19 +96,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"])
     g = p.add_argument_group("optimisation")
+    g.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
+                   help="defaults of the flags marked 'recipe': 'imagenet' (the original's), 'small' (thousands of "
+                   f"images), or 'auto': 'small' below {SMALL_DATASET_IMAGES:,} training images or {SMALL_INPUT_SIZE} px "
+                   "(classification/recipe.py); the choice is logged at the start")
     g.add_argument("--epochs", type=int, default=200)
     g.add_argument("--warmup-epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=128, help="per process")
     g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--blr", type=float, default=6e-4, help="base lr: lr = blr x batch x accum x world / 256")
+    g.add_argument("--blr", type=float, default=None,
+                   help=f"base lr: lr = blr x batch x accum x world / 256 {RECIPE_HELP}")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     g.add_argument("--min-lr", type=float, default=1e-6)
     g.add_argument("--warmup-lr", type=float, default=0.0, help="lr at the start of the linear warm-up")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--opt", default="lambc", help="timm optimizer name (lambc = LAMB with trust_clip, the original's)")
+    g.add_argument("--weight-decay", type=float, default=None, help=RECIPE_HELP)
+    g.add_argument("--opt", default=None, help=f"timm optimizer name (lambc = LAMB with trust_clip) {RECIPE_HELP}")
     g.add_argument("--clip-grad", type=float, default=None)
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="autocast: float16 + GradScaler on CUDA, bfloat16 on CPU")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast: float16 + GradScaler on CUDA, bfloat16 on CPU (default: on for CUDA, and on the CPU "
+                   "only where it has native bfloat16 (AVX512-BF16 / AMX): emulated bfloat16 is several times slower)")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
     g = p.add_argument_group("distillation")
@@ -178,6 +182,8 @@ def setup_logging(rank: int) -> None:
 def autocast_factory(args):
     """A no-arg callable giving the autocast context: fp16 on CUDA, bf16 on CPU, or nothing with --no-amp."""
     device_type = args.device_obj.type
+    if args.amp is None:
+        args.amp = device_type == "cuda" or (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     if not args.amp:
         return contextlib.nullcontext, torch.amp.GradScaler(device_type if device_type == "cuda" else "cpu", enabled=False)
     dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
@@ -216,8 +222,7 @@ def load_finetune_weights(model, path: str) -> None:
 
 def build_model(args, num_classes: int, kd: bool):
     model = timm.create_model(args.model, num_classes=num_classes, T=args.time_steps, kd=kd,
-                              drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads,
-                              attn_proj_bn_eps=args.attn_proj_bn_eps, v_threshold=args.v_threshold)
+                              drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads)
     return model
 
 
@@ -272,10 +277,6 @@ def _main(args) -> dict:
         torch.set_num_threads(args.threads)
     set_seed(args.seed + args.rank)
     autocast_ctx, scaler = autocast_factory(args)
-    eff_batch = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    logger.info("args: %s", json.dumps({k: v for k, v in vars(args).items() if k != "device_obj"}, default=str))
 
     # rank 0 generates the synthetic data first, the others wait (no concurrent generation)
     ds_kwargs = dict(synthetic_dir=args.synthetic_dir, synthetic_per_class=args.synthetic_per_class)
@@ -304,10 +305,16 @@ def _main(args) -> dict:
             print(json.dumps(stats))
         return stats
 
-    dataset_train = build_dataset(
-        args.data_path, "train",
-        build_transform(True, args.input_size, auto_augment=args.aa, reprob=args.reprob, remode=args.remode,
-                        recount=args.recount, scale=args.scale), **ds_kwargs)
+    dataset_train = build_dataset(args.data_path, "train", None, **ds_kwargs)
+    recipe_line = apply_recipe(args, len(dataset_train))  # fills the recipe flags that were not given
+    eff_batch = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    if is_main_process():
+        logger.info("%s", recipe_line)
+    logger.info("args: %s", json.dumps({k: v for k, v in vars(args).items() if k != "device_obj"}, default=str))
+    dataset_train.transform = build_transform(True, args.input_size, auto_augment=args.aa, reprob=args.reprob,
+                                              remode=args.remode, recount=args.recount, scale=args.scale)
     if list(dataset_train.classes) != list(dataset_val.classes):
         raise SystemExit(f"train and val class folders differ: {dataset_train.classes[:5]}... vs {dataset_val.classes[:5]}...")
     loader_train = make_loader(dataset_train, args, train=True)
@@ -392,6 +399,7 @@ def _main(args) -> dict:
     record: dict = {}
     run_start = time.time()
     end_epoch = args.epochs if not args.max_epochs_per_run else min(args.epochs, start_epoch + args.max_epochs_per_run)
+    loss_trend = LossTrendMonitor()  # warns once if the training loss has not fallen after 3+ epochs
     for epoch in range(start_epoch, end_epoch):
         # everything random in an epoch (order, augmentation, workers' seeds) follows from (seed, rank, epoch),
         # so a resumed run repeats exactly what an uninterrupted one would have done
@@ -403,7 +411,10 @@ def _main(args) -> dict:
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, scheduler, scaler, device, epoch, autocast_ctx=autocast_ctx,
             accum_iter=args.accum_iter, clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
-            max_steps=args.max_train_steps, writer=writer)
+            max_steps=args.max_train_steps, writer=writer)  # raises TrainingDivergedError before any save
+        stalled = loss_trend.update(train_stats["train_loss"])
+        if stalled and is_main_process():
+            logger.warning(stalled)
         val_stats = evaluate(model, loader_val, device, autocast_ctx=autocast_ctx, max_steps=args.max_eval_steps)
         record = {"epoch": epoch, **train_stats, **val_stats}
         if model_ema is not None:

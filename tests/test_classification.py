@@ -15,10 +15,13 @@ from classification import export, train  # noqa: E402
 from classification.data import SYNTHETIC_CLASSES, build_dataset, make_synthetic_imagefolder  # noqa: E402
 from classification.distill import DistillationLoss, build_teacher  # noqa: E402
 from metaspike_d2 import MetaSpikeFormer  # noqa: E402
+from metaspike_d2.backbone import NEURON_SETTINGS  # noqa: E402
 from metaspike_d2.checkpoint import (CheckpointError, load_backbone_weights, load_checkpoint_file,  # noqa: E402
                                      load_state_dict_strict, original_key_map)
 
-# 2 train / 1 val image per class: 20 training images = 2 steps of 10, 10 val images
+# 2 train / 1 val image per class: 20 training images = 2 steps of 10, 10 val images. (With the original's
+# projection-BN eps the tiny model's gradient norm overflows at 32 px: every step would be skipped and the run
+# would stop with TrainingDivergedError; tests/test_from_scratch.py, tests/test_divergence.py.)
 BASE = ["--model", "metaspikeformer_tiny", "--data-path", "synthetic", "--synthetic-per-class", "2", "1",
         "--input-size", "32", "--batch-size", "10", "--num-workers", "0", "--warmup-epochs", "0",
         "--blr", "1e-2", "--no-amp"]
@@ -72,7 +75,7 @@ def test_train_and_eval_one_epoch(trained, synth_dir):
     for key in ("train_loss", "val_top1", "val_top5", "lr"):
         assert isinstance(rec[key], float) and rec[key] == rec[key]
     assert rec["train_images"] == 20 and rec["val_images"] == 10
-    assert rec["nonfinite_grad_steps"] in (0, 1, 2)  # 2 optimizer steps, each checked
+    assert rec["nonfinite_grad_steps"] == 0 and rec["optimizer_steps"] == 2  # 2 optimizer steps, each checked
     assert 0 <= rec["val_top1"] <= rec["val_top5"] <= 100
     assert rec["lr"] > 0
     assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
@@ -192,6 +195,8 @@ def test_export_original_layout(tmp_path):
     inverse = {v: k for k, v in original_key_map(("head", "head_kd")).items()}
     original = {}
     for key, value in ours.items():
+        if key in NEURON_SETTINGS:  # not in the original's files: the converter adds the original's values
+            continue
         if ".mlp.fc" in key and key.endswith(".weight"):
             value = value.squeeze(-1)  # the original's Conv1d weights (out, in, 1)
         original[inverse[key]] = value
@@ -200,7 +205,9 @@ def test_export_original_layout(tmp_path):
     report = export.export_backbone(str(src), str(tmp_path / "bb.pth"))
     assert report["layout"] == "original BICLab" and sorted(report["dropped"]) == sorted(
         ["head.weight", "head.bias", "head_kd.weight", "head_kd.bias"])
-    _assert_loads_into_backbone(tmp_path / "bb.pth", ours)
+    expected = {**ours, "v_threshold": torch.tensor(1.0, dtype=torch.float64),  # the original's settings
+                "attn_proj_bn_eps": torch.tensor(1e-5, dtype=torch.float64)}
+    _assert_loads_into_backbone(tmp_path / "bb.pth", expected)
 
 
 def test_export_wrong_variant_and_truncated_file(trained, tmp_path):
