@@ -11,6 +11,13 @@ Detectron2 (config + weights)::
     python tools/analyze_energy.py --config-file configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml \
         --num-images 4 [--weights model_final.pth] [KEY VALUE ...]
 
+A model trained on one's own data: the same ``--register-coco`` / ``--register-voc`` / ``--register-sem-seg``
+options as tools/train_net.py (the class count follows from the data), and ``--dataset NAME`` to analyse
+that registered dataset's images::
+
+    python tools/analyze_energy.py --config-file CFG --weights model_final.pth \
+        --register-voc raccoon_val raccoon/images raccoon/annotations --dataset raccoon_val MODEL.MASK_ON False
+
 Prints the per-layer table and totals, and writes ``energy.json``, ``layers.csv``, ``firing_rates.png``
 (and ``spike_maps.png`` with ``--image IMG``) to ``--output``.
 """
@@ -42,7 +49,8 @@ def parse_args(argv=None):
                    help="time steps T (default: 4 for --model, MODEL.METASPIKE.T for --config-file)")
     p.add_argument("--num-images", type=int, default=8, help="images to average over")
     p.add_argument("--dataset", default="synthetic",
-                   help="'synthetic' (built-in images, default) or an image folder (ImageFolder tree or flat)")
+                   help="'synthetic' (built-in images, default), an image folder (ImageFolder tree or flat) or, "
+                        "with --config-file, a registered Detectron2 dataset (e.g. a --register-* NAME)")
     p.add_argument("--input-size", type=int, default=None,
                    help="classification: square input side (default 224); Detectron2: test short side "
                         "(default INPUT.MIN_SIZE_TEST)")
@@ -64,12 +72,20 @@ def parse_args(argv=None):
     p.add_argument("--max-rows", type=int, default=None, help="rows of the printed layer table (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 config overrides KEY VALUE ...")
-    return p.parse_args(argv)
+    from metaspike_d2.data.own_data import add_dataset_arguments
+
+    return add_dataset_arguments(p).parse_args(argv)
 
 
 def _images(args, size_hw):
     if args.dataset == "synthetic":
         return synthetic_images(args.num_images, size_hw, seed=args.seed), "synthetic"
+    if args.config_file and not os.path.exists(args.dataset):
+        from detectron2.data import DatasetCatalog
+
+        if args.dataset in DatasetCatalog.list():  # a registered dataset: its first --num-images images
+            paths = [d["file_name"] for d in DatasetCatalog.get(args.dataset)[:args.num_images]]
+            return [load_image(p) for p in paths], args.dataset
     paths = list_images(args.dataset, args.num_images)
     return [load_image(p) for p in paths], os.path.abspath(args.dataset)
 
@@ -111,7 +127,8 @@ def _show(img, size):
 def _detectron2(args, constants):
     from metaspike_d2.d2.energy_hook import build_d2_energy_model
 
-    model, cfg, t, prepare = build_d2_energy_model(args.config_file, args.weights, args.opts, args.time_steps,
+    model, cfg, t, prepare = build_d2_energy_model(args.config_file, args.weights,
+                                                    list(args.opts) + _own_data_opts(args), args.time_steps,
                                                     args.input_size)
     size = cfg.INPUT.MIN_SIZE_TEST
     raw, dataset = _images(args, (size, size * 4 // 3))
@@ -128,6 +145,25 @@ def _detectron2(args, constants):
         return prepare([img]), img
 
     return model, report, spike_run, calibrated, [r for r, _ in full]
+
+
+def _own_data_opts(args):
+    """Register the --register-* datasets; the overrides their class count implies (unless given)."""
+    from detectron2.config import get_cfg
+
+    from metaspike_d2.d2 import add_metaspike_config
+    from metaspike_d2.data import own_data
+
+    if not own_data.register_from_args(args):
+        return []
+    cfg = get_cfg()
+    add_metaspike_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(args.opts))
+    extra = own_data.dataset_config_overrides(cfg, args.opts)
+    cfg.merge_from_list(extra)
+    own_data.log_summary(cfg, args.opts, log=lambda line: print(f"[energy] {line}", flush=True))
+    return extra
 
 
 def _maybe_calibrate(args, model, runs):
@@ -162,6 +198,8 @@ def main(argv=None):
         args.opts = args.opts[1:]
     if args.model and args.opts:
         raise SystemExit(f"config overrides {args.opts} only apply to --config-file")
+    if args.model and (args.register_coco or args.register_voc or args.register_sem_seg):
+        raise SystemExit("--register-coco / --register-voc / --register-sem-seg only apply to --config-file")
     constants = EnergyConstants.from_preset(args.energy_preset, args.e_mac, args.e_ac)
     name = args.model or os.path.splitext(os.path.basename(args.config_file))[0]
     out = args.output or os.path.join("output", "energy", name)

@@ -4,6 +4,10 @@
     python tools/demo.py --config-file configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml \
         --input datasets/metaspike_shapes_v1/val/000000.png --output out/ \
         --opts MODEL.WEIGHTS output/quickstart_mask_rcnn_metaspike_tiny_shapes/model_final.pth
+
+A model trained on one's own data: register its test set as for training (``--register-voc`` etc., before
+``--opts``), so that the class count and the class names drawn come from it (DATASETS.TEST defaults to the
+last registered dataset).
 """
 import argparse
 import glob
@@ -21,6 +25,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from metaspike_d2.d2 import add_metaspike_config  # noqa: E402
+from metaspike_d2.data import own_data  # noqa: E402
 from metaspike_d2.data.image_io import read_image  # noqa: E402  (grayscale/RGBA/palette/16-bit -> BGR)
 from metaspike_d2.d2.predictor import VisualizationDemo  # noqa: E402
 
@@ -28,10 +33,14 @@ WINDOW_NAME = "metaspike-d2"
 
 
 def setup_cfg(args):
+    names = own_data.register_from_args(args)
     cfg = get_cfg()
     add_metaspike_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if names and "DATASETS.TEST" not in args.opts[0::2]:  # the class names drawn are DATASETS.TEST[0]'s
+        cfg.DATASETS.TEST = (names[-1],)
+    cfg.merge_from_list(own_data.dataset_config_overrides(cfg, args.opts))  # NUM_CLASSES unless given
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
@@ -51,7 +60,7 @@ def get_parser():
                                          "without it, results are shown in an OpenCV window")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score to show")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return parser
+    return own_data.add_dataset_arguments(parser)
 
 
 def _output_path(output: str, input_path: str, many: bool) -> str:
@@ -65,6 +74,7 @@ def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     logger = setup_logger(name="metaspike_demo")
     cfg = setup_cfg(args)
+    own_data.log_summary(cfg, args.opts, logger)
     demo = VisualizationDemo(cfg)
 
     if args.input:

@@ -8,6 +8,11 @@
 
 CPU: add ``MODEL.DEVICE cpu`` (the quickstart config sets it). CPU configs launch ``CPU_PROCESSES``
 data-parallel processes (gloo) unless ``--num-gpus`` is given (the detection quickstart: 2).
+
+Own data, before the KEY VALUE overrides (README.md, "Train on your own data"; metaspike_d2/data/own_data.py):
+``--register-coco NAME JSON IMAGE_DIR``, ``--register-voc NAME IMAGE_DIR ANNOTATION_DIR [--classes a,b]``,
+``--register-sem-seg NAME IMAGE_DIR LABEL_DIR CLASSES_TXT [--ignore-label N]``; the class count follows
+from the data unless the overrides give it.
 """
 import logging
 import os
@@ -45,7 +50,7 @@ from metaspike_d2.d2.engine import (  # noqa: E402
 from metaspike_d2.d2.ema import build_model_ema_hook  # noqa: E402
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator  # noqa: E402
-from metaspike_d2.data import build_detection_augmentation  # noqa: E402
+from metaspike_d2.data import build_detection_augmentation, own_data  # noqa: E402
 from metaspike_d2.data.image_io import RobustDatasetMapper  # noqa: E402
 from metaspike_d2.data.sem_seg_augmentation import build_sem_seg_augmentation  # noqa: E402
 
@@ -102,7 +107,9 @@ class Trainer(DefaultTrainer):
         evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
         evaluators = []
         if evaluator_type == "coco":
-            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=_has_d2_c_ops()))
+            # a --register-voc set is converted to COCO json again each time: its files may have changed
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=_has_d2_c_ops(),
+                                            allow_cached_coco=dataset_name not in own_data.registered_from_args()))
         elif evaluator_type == "sem_seg":
             evaluators.append(build_sem_seg_evaluator(dataset_name, output_folder))
         else:
@@ -142,11 +149,14 @@ class Trainer(DefaultTrainer):
 
 
 def load_config(args):
-    """The frozen config of ``--config-file`` and the command line's overrides (no side effects)."""
+    """The frozen config of ``--config-file``, the command line's overrides and the class count of the
+    ``--register-*`` datasets, which it registers in this process (again: a no-op) for that."""
+    own_data.register_from_args(args)
     cfg = get_cfg()
     add_metaspike_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    cfg.merge_from_list(own_data.dataset_config_overrides(cfg, args.opts))  # NUM_CLASSES unless given
     cfg.freeze()
     return cfg
 
@@ -158,10 +168,12 @@ def setup(args):
     if cfg.CPU_THREADS > 0:
         torch.set_num_threads(cfg.CPU_THREADS)
     log_cpu_processes(cfg)
+    own_data.log_summary(cfg, args.opts)
     return cfg
 
 
 def main(args):
+    own_data.register_from_args(args)  # every process: workers spawned by launch start with empty catalogs
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -183,7 +195,7 @@ def argument_parser():
     machines must give it)."""
     parser = default_argument_parser()
     parser.set_defaults(num_gpus=None, dist_url="auto")
-    return parser
+    return own_data.add_dataset_arguments(parser)  # --register-coco / --register-voc / --register-sem-seg
 
 
 def launch_from_args(args):
