@@ -188,3 +188,39 @@ def test_demo_draws_semantic_segmentation(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
     demo.main(["--config-file", QUICKSTART, "--input", str(tmp_path / "in.png"), "--output", str(tmp_path / "out.png")])
     assert Image.open(tmp_path / "out.png").size == (64, 48)
+
+
+def test_median_frequency_weights_by_hand(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from metaspike_d2.d2.sem_seg import median_frequency_weights
+    a = np.zeros((4, 4), np.uint8)
+    a[0] = 1                      # 12 px of class 0, 4 px of class 1
+    b = np.zeros((4, 5), np.uint8)
+    b[:, 4] = 255                 # 16 px of class 0, 4 px ignored
+    files = []
+    for name, arr in (("a", a), ("b", b)):
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+        files.append(str(tmp_path / f"{name}.png"))
+    # f_0 = 28 / 32, f_1 = 4 / 16 (class 1 appears only in a); median 0.5625; class 2 never appears -> 1
+    weights = median_frequency_weights(files, 3, 255)
+    assert weights == pytest.approx([0.5625 / 0.875, 0.5625 / 0.25, 1.0])
+    Image.fromarray(np.full((2, 2), 7, np.uint8)).save(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"bad.png: label value 7 is outside 0..2"):
+        median_frequency_weights([str(tmp_path / "bad.png")], 3, 255)
+
+
+def test_class_weights_reach_the_loss():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    head = SpikeSemSegFPNHead({"p2": ShapeSpec(channels=4, stride=4)}, num_classes=3, conv_dims=4, common_stride=4,
+                              class_weights=[0.0, 1.0, 1.0]).eval()  # eval: no dropout, same logits twice
+    feats = {"p2": torch.randn(1, 2, 4, 4, 4) * 3}
+    targets = torch.zeros(2, 16, 16, dtype=torch.long)
+    targets[:, 8:] = 1
+    logits = F.interpolate(head.layers(feats), scale_factor=4, mode="bilinear", align_corners=False)
+    class1_only = F.cross_entropy(logits.permute(0, 2, 3, 1)[targets == 1], targets[targets == 1])
+    assert head.losses(head.layers(feats), targets)["loss_sem_seg"].item() == pytest.approx(class1_only.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="class_weights has 2 entries for 3 classes"):
+        SpikeSemSegFPNHead({"p2": ShapeSpec(channels=4, stride=4)}, num_classes=3, conv_dims=4, common_stride=4,
+                           class_weights=[1.0, 1.0])

@@ -18,8 +18,9 @@ runs on :class:`SpikeFPNSemSeg` in ``"mean"`` mode (its outputs are then 4-D).
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "build_metaspike_sem_seg_fpn_backbone",
     "build_sem_seg_evaluator",
     "load_sem_seg_gt",
+    "median_frequency_weights",
 ]
 
 #: How T reaches the neck (``MODEL.METASPIKE.SEM_SEG.TIME_MODE``): averaged first, or kept.
@@ -189,9 +191,15 @@ class SpikeSemSegFPNHead(nn.Module):
         dropout: float = 0.1,
         loss_weight: float = 1.0,
         ignore_value: int = 255,
+        class_weights: Optional[Sequence[float]] = None,
         lif_factory: Callable[[], nn.Module] = MultiStepLIF,
     ):
         super().__init__()
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} entries for {num_classes} classes")
+        # per-class cross-entropy weights (MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING); not saved: they follow from the data
+        self.register_buffer("class_weights", None if class_weights is None else
+                             torch.tensor(list(class_weights), dtype=torch.float32), persistent=False)
         if not input_shape:
             raise ValueError("SpikeSemSegFPNHead(input_shape=) cannot be empty")
         items = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
@@ -225,6 +233,7 @@ class SpikeSemSegFPNHead(nn.Module):
             "dropout": head.DROPOUT,
             "loss_weight": head.LOSS_WEIGHT,
             "ignore_value": head.IGNORE_VALUE,
+            "class_weights": _class_weights_from_config(cfg),
             "lif_factory": lambda: build_lif(cfg),
         }
 
@@ -244,8 +253,56 @@ class SpikeSemSegFPNHead(nn.Module):
     def losses(self, predictions: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         predictions = F.interpolate(predictions.float(), scale_factor=self.common_stride, mode="bilinear",
                                     align_corners=False)
-        loss = F.cross_entropy(predictions, targets, reduction="mean", ignore_index=self.ignore_value)
+        loss = F.cross_entropy(predictions, targets, weight=self.class_weights, reduction="mean",
+                               ignore_index=self.ignore_value)
         return {"loss_sem_seg": loss * self.loss_weight}
+
+
+#: Values of ``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING``.
+CLASS_WEIGHTINGS = ("", "median_frequency")
+
+
+def median_frequency_weights(label_files: Sequence[str], num_classes: int, ignore_value: int) -> List[float]:
+    """Median-frequency balancing (Eigen & Fergus 2015; SegNet's CamVid recipe): ``w_c = median(f) / f_c``.
+
+    ``f_c`` is the pixel count of class c divided by the pixel count of the label maps in which c appears,
+    so a class that is small where it occurs (poles, signs, pedestrians) gets a large weight and the
+    dominant ones (road, sky) a small one. Classes that never occur get weight 1. Reads every label map
+    once (a few seconds for hundreds of maps).
+    """
+    counts = np.zeros(num_classes, dtype=np.float64)
+    present_pixels = np.zeros(num_classes, dtype=np.float64)
+    for path in label_files:
+        labels = load_sem_seg_gt(path, dtype=np.int64).ravel()
+        labels = labels[labels != ignore_value]
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{path}: label value {int(labels.max())} is outside 0..{num_classes - 1} "
+                             f"(and is not the ignore value {ignore_value})")
+        image_counts = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.float64)
+        counts += image_counts
+        present_pixels += (image_counts > 0) * labels.size
+    seen = counts > 0
+    if not seen.any():
+        raise ValueError("class weighting: no labelled pixel in the training set")
+    freq = np.where(seen, counts / np.maximum(present_pixels, 1), 0.0)
+    median = float(np.median(freq[seen]))
+    return [float(median / f) if f > 0 else 1.0 for f in freq]
+
+
+def _class_weights_from_config(cfg) -> Optional[List[float]]:
+    mode = cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING
+    if mode not in CLASS_WEIGHTINGS:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING must be one of {CLASS_WEIGHTINGS}, got {mode!r}")
+    if not mode:
+        return None
+    from detectron2.data import DatasetCatalog
+
+    files = [d["sem_seg_file_name"] for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
+    head = cfg.MODEL.SEM_SEG_HEAD
+    weights = median_frequency_weights(files, head.NUM_CLASSES, head.IGNORE_VALUE)
+    logging.getLogger(__name__).info("median-frequency class weights from %d label maps of %s: %s", len(files),
+                                     ", ".join(cfg.DATASETS.TRAIN), " ".join(f"{w:.2f}" for w in weights))
+    return weights
 
 
 @BACKBONE_REGISTRY.register()
