@@ -96,3 +96,14 @@ def test_time_helpers():
     assert out.shape == (3, 2, 5, 4, 4) and torch.allclose(out[1], conv(img))
     with pytest.raises(ValueError, match="T must be >= 1"):
         repeat_over_time(img, 0)
+
+
+def test_cpu_inference_kernel_keeps_the_membrane_in_float32_for_bfloat16_inputs():
+    from metaspike_d2.neurons import lif_inference_cpu
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 7, 5, 5) * 2).to(torch.bfloat16)
+    for tau, v_th in ((2.0, 0.5), (3.0, 1.0)):
+        for t in (1, 4):
+            out = lif_inference_cpu(x[:t], tau, v_th)
+            assert out.dtype == torch.bfloat16
+            assert torch.equal(out, lif_inference_cpu(x[:t].float(), tau, v_th).to(torch.bfloat16))
