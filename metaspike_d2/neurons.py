@@ -87,7 +87,8 @@ def lif_inference_cpu(x_seq: torch.Tensor, tau: float, v_threshold: float) -> to
     if x_seq.shape[0] == 1 and _divides_exactly(tau, v_threshold):
         return _fire(x_seq, tau * v_threshold, x_seq.dtype)  # exact in any float dtype (bf16 -> fp32 is exact)
     out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
-    x_seq = x_seq.float()  # the membrane in float32, as spikingjelly computes it (bf16 / fp16 inputs included)
+    if x_seq.dtype in (torch.float16, torch.bfloat16):
+        x_seq = x_seq.float()  # the membrane in float32, as spikingjelly computes it
     if x_seq.shape[0] == 1:
         return _fire(x_seq.div(tau), v_threshold, out.dtype)
     v = None

@@ -208,15 +208,24 @@ def weights_after_each_step(trainer):
     return hook.weights
 
 
-def test_d2_loop_raises_after_20_consecutive_skipped_iterations(caplog):
+def test_d2_loop_raises_after_20_consecutive_skipped_iterations():
     from detectron2.engine import SimpleTrainer
     model = TinyDetector()
     calls = poison_grad(model.fc2.weight, None)
     before = snapshot(model)
     trainer = d2_loop(model, 100)
     assert isinstance(trainer, SimpleTrainer) and trainer.max_consecutive_skips == 20
-    with caplog.at_level(logging.WARNING), pytest.raises(TrainingDivergedError) as err:
-        trainer.train(0, 100)
+    # the logger the trainer's step really uses (tools/train_net.py's setup_logger stops propagation to the root)
+    engine_logger = type(trainer).run_step.__globals__["logger"]
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    engine_logger.addHandler(handler)
+    try:
+        with pytest.raises(TrainingDivergedError) as err:
+            trainer.train(0, 100)
+    finally:
+        engine_logger.removeHandler(handler)
     assert len(calls) == 20 and trainer.iter == 19  # exactly 20 iterations, then it stopped
     msg = str(err.value)
     assert "non-finite (inf/NaN) in 20 iterations in a row (iterations 0-19; 20 skipped iterations in total)" in msg
@@ -225,8 +234,7 @@ def test_d2_loop_raises_after_20_consecutive_skipped_iterations(caplog):
         assert remedy in msg, remedy
     assert same(before, snapshot(model)), "a skipped iteration updated the weights"
     assert trainer.storage.history("skipped_steps").latest() == 20
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno == logging.WARNING and r.name == "metaspike_d2.d2.engine"]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "iteration 0" in warnings[0] and "fc2.weight" in warnings[0]
 
 

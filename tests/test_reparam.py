@@ -44,10 +44,12 @@ def features(model, x):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_exact_on_every_variant(variant):
     size = 64 if variant in ("tiny", "15m") else 32
-    model = MetaSpikeFormerClassifier(variant=variant, num_classes=7, kd=True)
+    # in float64: in float32 some pre-activation of the wide variants lies within rounding of a threshold for many
+    # random weights, and one flipped spike (a rounding event, not a folding error) moves the outputs by ~0.01-1
+    model = MetaSpikeFormerClassifier(variant=variant, num_classes=7, kd=True).double()
     activate(model).eval()
     model.out_features = FEATURE_NAMES  # all stage outputs (the classifier uses stage4 only)
-    x = torch.randn(2, 3, size, size) * 2
+    x = torch.randn(2, 3, size, size, dtype=torch.float64) * 2
     reference = {}
     for t in (1, 4):
         model.time_steps = t

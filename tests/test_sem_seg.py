@@ -131,15 +131,15 @@ def test_train_step_and_inference(time_steps, time_mode, layout):
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        images = batch([(50, 70), (64, 64)], with_targets=False)  # 50x70 is padded to 64x80 inside
+        images = batch([(50, 70), (64, 64)], with_targets=False)  # 50x70 is padded to the stride of stage 4 inside
         outputs = model(images)
         again = model(images)
     assert [o["sem_seg"].shape for o in outputs] == [(4, 50, 70), (4, 64, 64)]
     assert torch.equal(outputs[0]["sem_seg"], again[0]["sem_seg"])  # no state leaks between calls
     with torch.no_grad():
-        padded = torch.zeros(1, 3, 64, 80)
+        padded = torch.zeros(1, 3, 64, 96)  # a multiple of every stride (stage 4: 32 in the quickstart)
         logits, _ = model.sem_seg_head(model.backbone(padded))
-    assert logits.shape[-2:] == (64, 80)  # the head's output is at the input resolution, not stride 2
+    assert logits.shape[-2:] == (64, 96)  # the head's output is at the input resolution, not stride 2
 
 
 def test_stock_sem_seg_fpn_head_on_the_backbone():
