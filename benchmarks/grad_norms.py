@@ -5,9 +5,10 @@
 
 For each variant and input size, two models with the same initial weights are trained side by side:
 
-``original``  the SDSA output projections' BatchNorms at eps 1e-5 (the original's);
-``default``   this project's model as ``timm.create_model`` builds it (eps 0.1, see
-              :class:`metaspike_d2.blocks.SpikeDrivenSelfAttention`).
+``original``  the original's neuron settings: SDSA output-projection BatchNorms at eps 1e-5, LIF threshold 1.0
+              (what a converted BICLab checkpoint selects);
+``default``   this project's model as ``timm.create_model`` builds it (eps 0.1, threshold 0.5, see
+              :data:`metaspike_d2.backbone.NEURON_SETTINGS`).
 
 Data: the built-in synthetic 10-class shapes (classification/data.py), drawn at the input size, no
 augmentation. Optimizer: AdamW at 1e-3, weight decay 0.05 (the small-data recipe's optimizer). Reported per
@@ -36,6 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import metaspike_d2  # noqa: E402,F401
 from classification.data import SYNTHETIC_CLASSES, _draw_sample  # noqa: E402
+from metaspike_d2.backbone import ORIGINAL_V_THRESHOLD, MetaSpikeFormer  # noqa: E402
 from metaspike_d2.blocks import ORIGINAL_PROJ_BN_EPS, SpikeDrivenSelfAttention  # noqa: E402
 
 STAGES = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
@@ -49,11 +51,13 @@ def synthetic_batch(n: int, size: int, seed: int):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float(), torch.from_numpy(labels)
 
 
-def set_original_eps(model: torch.nn.Module) -> None:
+def set_original_settings(model: torch.nn.Module) -> None:
+    """The original's neuron settings, through the buffers a converted checkpoint sets."""
     for m in model.modules():
-        if isinstance(m, SpikeDrivenSelfAttention):
-            m.proj_bn_eps.fill_(ORIGINAL_PROJ_BN_EPS)
-            m._apply_proj_bn_eps()
+        if isinstance(m, MetaSpikeFormer):
+            m.attn_proj_bn_eps.fill_(ORIGINAL_PROJ_BN_EPS)
+            m.v_threshold.fill_(ORIGINAL_V_THRESHOLD)
+            m.apply_neuron_settings()
 
 
 def stage_norms(model) -> dict:
@@ -79,7 +83,7 @@ def run_case(variant: str, size: int, args) -> list:
     torch.manual_seed(args.seed)
     base = timm.create_model(f"metaspikeformer_{variant}", num_classes=len(SYNTHETIC_CLASSES))
     models = {"original": copy.deepcopy(base), "default": base}
-    set_original_eps(models["original"])
+    set_original_settings(models["original"])
     x_val, y_val = synthetic_batch(64, size, seed=10_000)
     rows = []
     for name, model in models.items():

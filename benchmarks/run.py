@@ -1,4 +1,4 @@
-"""Speed benchmarks of issue 8, in one run, with ratios against baselines measured in the same run.
+"""Speed benchmarks in one run, with ratios against baselines measured in the same run.
 
     python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train quickstart roi_align ema]
                              [--threads 2] [--reps 3] [--size 224] [--det-size 512]

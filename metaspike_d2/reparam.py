@@ -1,4 +1,4 @@
-"""Inference re-parameterization of Meta-SpikeFormer models (issue 8).
+"""Inference re-parameterization of Meta-SpikeFormer models.
 
 ``reparameterize(model, mode)`` returns an *inference copy* (eval mode, no BN left in the blocks) that
 computes the same function as ``model.eval()``; the original is not modified. It works on any

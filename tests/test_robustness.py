@@ -1,4 +1,4 @@
-"""Robustness (issue 7): atomic Detectron2 checkpoints, SIGKILL + --resume, non-finite losses, bad inputs."""
+"""Robustness: atomic Detectron2 checkpoints, SIGKILL + --resume, non-finite losses, bad inputs."""
 import json
 import os
 import re

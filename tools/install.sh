@@ -56,6 +56,8 @@ fi
 
 # 4. The spiking and vision stack.
 pip_install "spikingjelly==2.0.0" "timm>=1.0.11" opencv-python-headless
+# scikit-learn: its bundled load_digits is the real small classification set of benchmarks/real_data.py
+pip_install scikit-learn
 
 # 5. This project, editable, with its test extras.
 pip_install --no-build-isolation -e "$ROOT[test]"

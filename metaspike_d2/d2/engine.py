@@ -1,4 +1,4 @@
-"""Training-loop pieces that work on CPUs as well as GPUs (issue 7).
+"""Training-loop pieces that work on CPUs as well as GPUs.
 
 * :func:`create_ddp_model`: Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``,
   which ``DistributedDataParallel`` rejects for a CPU model; here ``device_ids`` is only set for CUDA
