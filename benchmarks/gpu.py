@@ -13,7 +13,9 @@ b. spikingjelly's fused LIF on CUDA (what ``metaspike_d2.neurons.MultiStepLIF`` 
    spikingjelly 2.0.0's ``SJ_LIF_CUDA_IMPLEMENTATION`` = cuda / triton / torch, each in its own process since the
    variable is read at import) against the CPU kernels ``lif_inference_cpu`` and ``LIFSurrogateCPU`` on random
    inputs, T=1 and T=4, thresholds 1.0 and 0.5, fp32 and bf16: spikes must be identical, input gradients equal to
-   1e-5 of their largest value (bf16: 1e-2). With ``--dry-run-cpu`` the candidate is spikingjelly's own CPU path.
+   1e-5 of their largest value (bf16: 1e-2). Likewise ``MultiStepILIF`` (spikingjelly's I-LIF kernel, D=2 and 4)
+   against ``ilif_inference_cpu`` / ``ILIFSurrogateCPU``: identical counts, gradients within 1e-5.
+   With ``--dry-run-cpu`` the candidate is spikingjelly's own CPU path.
 c. 200 iterations of the detection and the segmentation quickstart through ``tools/train_net.py`` (a subprocess,
    ``--num-gpus 1 MODEL.DEVICE cuda SOLVER.MAX_ITER 200 CPU_PROCESSES 1 CPU_THREADS 0``, output in a temp dir):
    the evaluation lines (bbox / segm AP, mIoU) and the wall time.
@@ -655,6 +657,42 @@ def lif_rows(device: torch.device, spatial, seed: int = 0) -> list:
     return rows
 
 
+def ilif_checks(device: torch.device, spatial, seed: int = 0) -> list:
+    """Integer neurons: ``MultiStepILIF`` counts and gradients on ``device`` (spikingjelly's I-LIF kernel on CUDA,
+    its CPU op on the CPU) against this project's CPU kernels on the same inputs."""
+    from metaspike_d2.neurons import ILIFSurrogateCPU, MultiStepILIF, ilif_inference_cpu
+
+    out = []
+    for t in (1, 4):
+        for levels in (2, 4):
+            g = torch.Generator().manual_seed(seed + 10 * t + levels)
+            x = torch.randn((t, *spatial), generator=g) * 3
+            grad_out = torch.randn(x.shape, generator=g)
+            ilif = MultiStepILIF(1.0, levels)
+            with torch.no_grad():
+                ref_inference = ilif_inference_cpu(x, ilif.tau, 1.0, levels)
+            xr = x.clone().requires_grad_(True)
+            ref = ILIFSurrogateCPU.apply(xr, ilif.tau, 1.0, levels)
+            (ref * grad_out).sum().backward()
+            if device.type == "cpu":
+                MultiStepILIF.cpu_kernel = False  # spikingjelly's own CPU op
+            try:
+                xd = x.to(device).requires_grad_(True)
+                counts = ilif(xd)
+                (counts * grad_out.to(device)).sum().backward()
+                with torch.no_grad():
+                    inference = ilif(x.to(device)).cpu()
+            finally:
+                MultiStepILIF.cpu_kernel = True
+            counts = counts.detach().cpu()
+            diff = (xd.grad.cpu() - xr.grad).abs().max().item()
+            wrong = int((counts != ref.detach()).sum()) + int((inference != ref_inference).sum())
+            out.append(check(f"[I-LIF] T={t} D={levels}", wrong == 0 and diff <= 1e-5,
+                             f"count mismatches {wrong}; grad max abs diff {diff:.2g}; mean count "
+                             f"{ref.float().mean().item():.2f}", T=t, D=levels, count_mismatches=wrong, grad_diff=diff))
+    return out
+
+
 def lif_worker(device: torch.device, spatial) -> dict:
     """Part (b) in this process: which implementation spikingjelly selects, and the comparison rows."""
     out = {"env": os.environ.get(LIF_ENV), "device": device.type}
@@ -699,6 +737,7 @@ def part_b(ctx: Ctx) -> dict:
     if "error" in here:
         checks.append(check(f"[{label}]", False, here["error"]))
     checks += lif_row_checks(label, here)
+    checks += ilif_checks(ctx.device, spatial)
     workers = {}
     choices = [c for c in info.get("choices", []) if c != "auto"] if info.get("exists") else []
     if ctx.dry and ctx.quick:

@@ -132,11 +132,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants:
         for size in args.sizes:
             rows += run_case(variant, size, args)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+            # after every case, so that an interrupted run keeps what it measured
+            Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(f"wrote {args.output}")
 
 

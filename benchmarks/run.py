@@ -3,6 +3,7 @@
     python benchmarks/run.py --output benchmarks/results/cpu.json [--parts backbone maskrcnn train quickstart roi_align ema]
                              [--threads 2] [--reps 3] [--size 224] [--det-size 512]
     python benchmarks/run.py --output benchmarks/results/cpu_processes.json --parts processes  # not a default part
+    python benchmarks/run.py --output benchmarks/results/spike_levels.json --parts spike_levels --threads 1
 
 Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
 
@@ -39,6 +40,12 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
               Reported: seconds per step from Detectron2's "Overall training speed" line (it leaves out the
               first iterations), and images per second. ``--threads`` does not apply (the config's
               ``CPU_THREADS: 1`` does). Not in the default parts: it takes minutes and needs both cores to itself.
+``spike_levels`` integer I-LIF neurons (D=4) against binary LIF (D=1):
+              ``I-LIF neuron``  one I-LIF on a ``1 x 4 x 64 x 40 x 40`` input (the quickstart's p2 at T=1),
+                                forward + backward: spikingjelly's CPU op (the baseline) vs ``ILIFSurrogateCPU``;
+                                and forward only (inference): spikingjelly vs ``ilif_inference_cpu``;
+              ``quickstart``    one training step of the detection quickstart (as ``quickstart``, the config as
+                                committed) at ``MODEL.METASPIKE.SPIKE_LEVELS`` 1 (the baseline) and 4.
 ``ema``       one ``MODEL_EMA`` update of the quickstart detector's weights: timm's ``ModelEmaV3`` (the
               baseline, two ``state_dict()`` walks per update) vs the hook's ``_ModelEma`` (tensor lists
               gathered once; metaspike_d2/d2/ema.py).
@@ -242,6 +249,55 @@ def bench_quickstart(args, rows):
         rows.append(_row("quickstart", name, r, input="2x160x160"))
 
 
+def bench_spike_levels(args, rows):
+    from metaspike_d2.d2 import build_optimizer
+    from metaspike_d2.neurons import MultiStepILIF
+
+    x = torch.randn(1, 4, 64, 40, 40) * 2
+    grad = torch.randn_like(x)
+    ilif = MultiStepILIF(1.0, 4)
+
+    def neuron(cpu_kernel: bool, backward: bool):
+        def run():
+            MultiStepILIF.cpu_kernel = cpu_kernel
+            try:
+                if not backward:
+                    with torch.no_grad():
+                        return ilif(x)
+                xg = x.detach().requires_grad_()
+                ilif(xg).backward(grad)
+                return xg.grad
+            finally:
+                MultiStepILIF.cpu_kernel = True
+        return run
+
+    for mode, backward in (("train", True), ("inference", False)):
+        cases = {f"I-LIF {mode} spikingjelly": neuron(False, backward), f"I-LIF {mode} ours": neuron(True, backward)}
+        print(f"[spike_levels] {list(cases)} ...", flush=True)
+        for name, r in measure_interleaved(cases, reps=max(args.quickstart_reps, 20), warmup=3).items():
+            rows.append(_row("spike_levels", name, r, input="1x4x64x40x40"))
+
+    path = os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_metaspike_tiny_shapes.yaml")
+    cases = {}
+    for levels in (1, 4):
+        cfg = _d2_cfg(path, ["MODEL.METASPIKE.SPIKE_LEVELS", levels])
+        batch = []
+        for i in range(cfg.SOLVER.IMS_PER_BATCH // cfg.CPU_PROCESSES):
+            image = _train_inputs(160)[0]
+            image["instances"].gt_classes = torch.tensor([0, 1, 2])
+            image["image"] = image["image"].roll(40 * i, dims=-1)
+            batch.append(image)
+        torch.manual_seed(0)
+        model = _build(cfg).train()
+        opt = build_optimizer(cfg, model)
+        for group in opt.param_groups:  # weights (and so proposals and RoIs) stay those of the initialization
+            group["lr"] = 0.0
+        cases[f"quickstart step D={levels}"] = _training_step(model, opt, batch)
+    print(f"[spike_levels] {list(cases)} ...", flush=True)
+    for name, r in measure_interleaved(cases, reps=args.quickstart_reps, warmup=3).items():
+        rows.append(_row("spike_levels", name, r, input="2x160x160"))
+
+
 def _random_rois(num, image_size, min_side, max_side, num_images, generator):
     """``(num, 5)`` RoIs (image index, x1, y1, x2, y2) with sides in ``[min_side, max_side)``, inside the image."""
     side = min_side + torch.rand(num, 2, generator=generator) * (max_side - min_side)
@@ -342,6 +398,15 @@ def ratios(rows):
             base = key[("processes", None, None, "1 process x 2 images")]
             out.append({"part": r["part"], "case": r["case"], "step_time_vs_baseline": r["median_s"] / base["median_s"],
                         "images_per_s_vs_baseline": r["images_per_s"] / base["images_per_s"]})
+        elif r["part"] == "spike_levels":
+            base_name = {"I-LIF train ours": "I-LIF train spikingjelly",
+                         "I-LIF inference ours": "I-LIF inference spikingjelly",
+                         "quickstart step D=4": "quickstart step D=1"}.get(r["case"])
+            if base_name is not None:
+                base = key[("spike_levels", None, None, base_name)]
+                out.append({"part": r["part"], "case": r["case"], "baseline": base_name,
+                            "time_vs_baseline_wall": r["median_s"] / base["median_s"],
+                            "time_vs_baseline_cpu": r["median_cpu_s"] / base["median_cpu_s"]})
         elif r["part"] in ("quickstart", "ema"):
             base = key[(r["part"], None, None, "baseline" if r["part"] == "quickstart" else "timm ModelEmaV3")]
             out.append({"part": r["part"], "case": r["case"],
@@ -369,6 +434,9 @@ def print_table(rows, rats, info):
                 note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
         elif r["part"] in ("quickstart", "ema", "roi_align"):
             note = f"x{q['speedup_vs_baseline_wall']:.2f} | x{q['speedup_vs_baseline_cpu']:.2f} vs baseline"
+        elif r["part"] == "spike_levels":
+            note = (f"time x{q['time_vs_baseline_wall']:.2f} | x{q['time_vs_baseline_cpu']:.2f} of {q['baseline']}"
+                    if q else "")
         elif r["part"] == "processes":
             note = (f"{r['images_per_s']:.1f} images/s: x{q['images_per_s_vs_baseline']:.2f} images/s, "
                     f"x{q['step_time_vs_baseline']:.2f} step time vs 1 process")
@@ -386,7 +454,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema"],
                         choices=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema",
-                                 "processes"])
+                                 "processes", "spike_levels"])
     parser.add_argument("--variants", nargs="+", default=["15m", "55m"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--det-size", type=int, default=512)
@@ -405,7 +473,7 @@ def main(argv=None) -> int:
     rows = []
     parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train,
              "quickstart": bench_quickstart, "roi_align": bench_roi_align, "ema": bench_ema,
-             "processes": bench_processes}
+             "processes": bench_processes, "spike_levels": bench_spike_levels}
     for part in args.parts:
         parts[part](args, rows)
         gc.collect()

@@ -53,13 +53,15 @@ def export_backbone(input_path: str, output_path: str, variant: str | None = Non
             raise CheckpointError(f"{input_path}: widths {list(widths)} do not match --variant {variant} "
                                   f"({list(expected)}); wrong checkpoint or wrong variant")
     # the check the Detectron2 side relies on: every backbone tensor present, nothing extra
-    # (stage4_stride does not change any weight shape, so the default model stands for both)
-    load_state_dict_strict(MetaSpikeFormer(widths), backbone, source=f"{input_path} (backbone)")
+    # (stage4_stride does not change any weight shape, so the default model stands for both; the neurons'
+    # spike levels D are the weights' own)
+    levels = int(backbone["spike_levels"]) if "spike_levels" in backbone else 1
+    load_state_dict_strict(MetaSpikeFormer(widths, spike_levels=levels), backbone, source=f"{input_path} (backbone)")
     variant_name = next((k for k, v in VARIANTS.items() if tuple(v.widths) == tuple(widths)), None)
     source = f"{Path(input_path).name} ({layout} layout{', EMA' if ema else ''})"
     save_backbone_weights(output_path, backbone, source=source)
     return {"input": str(input_path), "output": str(output_path), "layout": layout, "widths": list(widths),
-            "variant": variant_name, "tensors": len(backbone), "dropped": dropped}
+            "variant": variant_name, "spike_levels": levels, "tensors": len(backbone), "dropped": dropped}
 
 
 def main(argv=None) -> dict:
@@ -75,7 +77,8 @@ def main(argv=None) -> dict:
     except CheckpointError as e:
         raise SystemExit(f"export failed: {e}") from None
     print(f"wrote {report['output']}: {report['tensors']} backbone tensors, widths {report['widths']} "
-          f"(variant {report['variant'] or 'custom'}), from the {report['layout']} layout")
+          f"(variant {report['variant'] or 'custom'}, spike levels D={report['spike_levels']}: set "
+          f"MODEL.METASPIKE.SPIKE_LEVELS {report['spike_levels']}), from the {report['layout']} layout")
     print(f"dropped (classifier only): {', '.join(report['dropped']) or 'none'}")
     print(json.dumps({k: v for k, v in report.items() if k != "dropped"}))
     return report

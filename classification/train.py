@@ -68,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="main head on spikes (released code) or pre-LIF membrane (before d95ad13; spec 4.6)")
     g.add_argument("--num-heads", type=int, default=8,
                    help="SDSA heads (the original's 8); changes no weight shape, so use the same value downstream")
+    g.add_argument("--spike-levels", type=int, default=1,
+                   help="D: 1 = binary LIF neurons (the paper); >= 2 = integer I-LIF neurons emitting counts 0..D "
+                        "(SpikeYOLO), D binary events each at inference; stored in the checkpoint")
     g.add_argument("--drop-path", type=float, default=0.0, help="drop-path rate (the original's 0.1 never reached the model)")
     g.add_argument("--finetune", default="", help="initialise from this checkpoint's weights (e.g. the T=1 run); "
                    "only head_kd may be missing (it starts from its init, as in the original)")
@@ -146,15 +149,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        import yaml
-        with open(pre.config) as f:
-            cfg = yaml.safe_load(f) or {}
+        cfg = load_config(pre.config)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise SystemExit(f"{pre.config}: unknown keys {unknown}")
         parser.set_defaults(**cfg)
     return parser.parse_args(argv)
+
+
+def load_config(path: str, _chain: tuple = ()) -> dict:
+    """A YAML file of flag defaults; ``_base_: FILE`` (relative to it) is read first and overridden."""
+    import yaml
+
+    path = os.path.abspath(path)
+    if path in _chain:
+        raise SystemExit(f"{path}: _base_ chain loops ({' -> '.join(_chain + (path,))})")
+    if not os.path.isfile(path):
+        raise SystemExit(f"config file not found: {path}" + (f" (the _base_ of {_chain[-1]})" if _chain else ""))
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: expected a mapping of flag names to values, got {type(cfg).__name__}")
+    base = cfg.pop("_base_", None)
+    if base is None:
+        return cfg
+    return {**load_config(os.path.join(os.path.dirname(path), base), _chain + (path,)), **cfg}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +242,8 @@ def load_finetune_weights(model, path: str) -> None:
 
 def build_model(args, num_classes: int, kd: bool):
     model = timm.create_model(args.model, num_classes=num_classes, T=args.time_steps, kd=kd,
-                              drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads)
+                              drop_path_rate=args.drop_path, head_input=args.head_input, num_heads=args.num_heads,
+                              spike_levels=args.spike_levels)
     return model
 
 

@@ -9,8 +9,9 @@ __version__ = "0.1.0"
 from .backbone import FEATURE_NAMES, VARIANTS, MetaSpikeFormer  # noqa: E402
 from .checkpoint import load_checkpoint_file, load_state_dict_strict  # noqa: E402
 from .classifier import MetaSpikeFormerClassifier  # noqa: E402
-from .neurons import MultiStepLIF, mean_over_time, repeat_over_time, seq_apply  # noqa: E402
+from .neurons import MultiStepILIF, MultiStepLIF, mean_over_time, repeat_over_time, seq_apply  # noqa: E402
 from .reparam import reparameterize  # noqa: E402
+from .spike_expansion import expand_spikes  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -18,9 +19,11 @@ __all__ = [
     "VARIANTS",
     "MetaSpikeFormer",
     "MetaSpikeFormerClassifier",
+    "MultiStepILIF",
     "MultiStepLIF",
     "load_checkpoint_file",
     "load_state_dict_strict",
+    "expand_spikes",
     "mean_over_time",
     "repeat_over_time",
     "reparameterize",

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .blocks import PROJ_BN_EPS, ConvBlock, Downsample, SpikeDrivenSelfAttention, TransformerBlock
-from .neurons import MultiStepLIF
+from .neurons import SPIKING_NEURONS
 
 __all__ = ["VARIANTS", "Variant", "MetaSpikeFormer", "FEATURE_NAMES", "FeatureInfo", "V_THRESHOLD",
            "ORIGINAL_V_THRESHOLD", "NEURON_SETTINGS"]
@@ -94,6 +94,8 @@ class MetaSpikeFormer(nn.Module):
         in_chans: input channels of the encoding conv.
         num_heads: SDSA heads in stages 3 and 4.
         drop_path_rate: stochastic depth, linearly increasing over the 8 transformer blocks.
+        spike_levels: D, the largest spike count a neuron emits per time step: 1 (binary LIF neurons, the
+            paper) or D >= 2 (integer I-LIF neurons, SpikeYOLO; :class:`~metaspike_d2.neurons.MultiStepILIF`).
         v_threshold: firing threshold of the backbone's LIF neurons (:data:`V_THRESHOLD`, 0.5; the original's
             1.0); the attention neurons get half of it, as in the original.
         attn_proj_bn_eps: eps of the BNs in each SDSA output projection (0.1; the original's 1e-5 is what
@@ -105,7 +107,9 @@ class MetaSpikeFormer(nn.Module):
 
     ``v_threshold`` and ``attn_proj_bn_eps`` are stored as the buffers :data:`NEURON_SETTINGS` of the
     state dict: loading weights applies the settings they were trained with (a converted original
-    checkpoint: 1.0 and 1e-5), so no flag has to match the weights.
+    checkpoint: 1.0 and 1e-5), so no flag has to match the weights. ``spike_levels`` is stored too (the
+    ``spike_levels`` buffer): it decides the neuron classes, so loading
+    weights of another D is an error that names both.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class MetaSpikeFormer(nn.Module):
         drop_path_rate: float = 0.0,
         attn_proj_bn_eps: float = PROJ_BN_EPS,
         v_threshold: float = V_THRESHOLD,
+        spike_levels: int = 1,
         stage4_stride: int = 1,
         out_features: Sequence[str] = ("stage4",),
     ):
@@ -134,10 +139,14 @@ class MetaSpikeFormer(nn.Module):
         self.time_steps = time_steps  # validated by the setter
         self.out_features = tuple(f for f in FEATURE_NAMES if f in out_features)
 
+        if int(spike_levels) != spike_levels or spike_levels < 1:
+            raise ValueError(f"spike_levels must be an integer >= 1 (1: binary LIF, >= 2: I-LIF), got {spike_levels!r}")
+
         dpr = torch.linspace(0, drop_path_rate, 8).tolist()
-        down = partial(Downsample, v_threshold=v_threshold)
-        conv = partial(ConvBlock, v_threshold=v_threshold)
-        block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps, v_threshold=v_threshold)
+        neurons = dict(v_threshold=v_threshold, spike_levels=int(spike_levels))
+        down = partial(Downsample, **neurons)
+        conv = partial(ConvBlock, **neurons)
+        block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps, **neurons)
         self.stem = Stage(down(in_chans, c0 // 2, 7, 2, 3, spiking_input=False), [conv(c0 // 2)])
         self.stage1 = Stage(down(c0 // 2, c0), [conv(c0)])
         self.stage2 = Stage(down(c0, c1), [conv(c1), conv(c1)])
@@ -146,6 +155,7 @@ class MetaSpikeFormer(nn.Module):
 
         self.register_buffer("v_threshold", torch.tensor(float(v_threshold), dtype=torch.float64))
         self.register_buffer("attn_proj_bn_eps", torch.tensor(float(attn_proj_bn_eps), dtype=torch.float64))
+        self.register_buffer("spike_levels", torch.tensor(int(spike_levels), dtype=torch.int64))
 
         strides = (2, 4, 8, 16, 16 * stage4_stride)
         channels = (c0 // 2, c0, c1, c2, c3)
@@ -157,15 +167,23 @@ class MetaSpikeFormer(nn.Module):
         """Give every neuron and SDSA projection the settings held in the :data:`NEURON_SETTINGS` buffers."""
         v = float(self.v_threshold)
         for module in self.modules():
-            if isinstance(module, MultiStepLIF):
-                module.v_threshold = v
+            if isinstance(module, SPIKING_NEURONS):
+                module.set_threshold(v)
         for module in self.modules():
             if isinstance(module, SpikeDrivenSelfAttention):
                 module.set_thresholds(v, 0.5 * v)
                 module.set_proj_bn_eps(float(self.attn_proj_bn_eps))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key, built = prefix + "spike_levels", int(self.spike_levels)
+        if key in state_dict and int(state_dict[key]) != built:
+            error_msgs.append(f"{key}: the weights were trained with spike_levels={int(state_dict[key])}, the model "
+                              f"was built with spike_levels={built}; build it with the weights' value "
+                              "(spike_levels= / --spike-levels / MODEL.METASPIKE.SPIKE_LEVELS)")
+            state_dict[key] = self.spike_levels.clone()  # the model keeps describing its own neurons
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self.apply_neuron_settings()  # the settings the loaded weights were trained with
 
     @property

@@ -2,17 +2,20 @@
 
 Shapes: spiking tensors are ``(T, B, C, H, W)``; stateless layers run on ``T*B`` through
 :func:`~metaspike_d2.neurons.seq_apply`. Every conv/linear whose input comes from a
-:class:`~metaspike_d2.neurons.MultiStepLIF` is driven by binary spikes; residual paths add real-valued
+:class:`~metaspike_d2.neurons.MultiStepLIF` is driven by binary spikes (by integer counts from a
+:class:`~metaspike_d2.neurons.MultiStepILIF` when ``spike_levels`` D >= 2); residual paths add real-valued
 ("membrane shortcut") values, as in the paper's ``ms`` model.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
 from torch import nn
 
-from .neurons import MultiStepLIF, seq_apply
+from .neurons import binary_slots, spiking_neuron, seq_apply
 
 __all__ = [
     "BNAndPad",
@@ -129,13 +132,14 @@ class SepConv(nn.Module):
     ``LIF -> 1x1 conv C->2C -> BN -> LIF -> depthwise 7x7 -> 1x1 conv 2C->C -> BN``.
     """
 
-    def __init__(self, dim: int, expansion: int = 2, kernel_size: int = 7, v_threshold: float = 1.0):
+    def __init__(self, dim: int, expansion: int = 2, kernel_size: int = 7, v_threshold: float = 1.0,
+                 spike_levels: int = 1):
         super().__init__()
         hidden = expansion * dim
-        self.lif1 = MultiStepLIF(v_threshold)
+        self.lif1 = spiking_neuron(v_threshold, spike_levels)
         self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.lif2 = MultiStepLIF(v_threshold)
+        self.lif2 = spiking_neuron(v_threshold, spike_levels)
         self.dwconv = DepthwiseConv2d(hidden, kernel_size, padding=kernel_size // 2)
         self.pwconv2 = nn.Conv2d(hidden, dim, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(dim)
@@ -169,14 +173,14 @@ class ConvBlock(nn.Module):
         x = x + BN(Conv3x3_{4C->C}(LIF(BN(Conv3x3_{C->4C}(LIF(x))))))
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4, v_threshold: float = 1.0):
+    def __init__(self, dim: int, mlp_ratio: int = 4, v_threshold: float = 1.0, spike_levels: int = 1):
         super().__init__()
         hidden = mlp_ratio * dim
-        self.sepconv = SepConv(dim, v_threshold=v_threshold)
-        self.lif1 = MultiStepLIF(v_threshold)
+        self.sepconv = SepConv(dim, v_threshold=v_threshold, spike_levels=spike_levels)
+        self.lif1 = spiking_neuron(v_threshold, spike_levels)
         self.conv1 = nn.Conv2d(dim, hidden, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.lif2 = MultiStepLIF(v_threshold)
+        self.lif2 = spiking_neuron(v_threshold, spike_levels)
         self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(dim)
 
@@ -199,6 +203,7 @@ class SpikeDrivenSelfAttention(nn.Module):
     linear attention evaluated as ``Q (K^T V)`` times a fixed ``scale`` (0.125 for every width, as in the
     original), spiked by a neuron with threshold ``attn_threshold`` (0.5), then projected by ``BN(RepConv(.))``.
     ``v_threshold`` is the threshold of the other four neurons (input, Q, K, V; the original's 1.0).
+    ``spike_levels`` D >= 2 makes all five integer I-LIF neurons: Q, K, V are then counts in ``0..D``.
 
     ``proj_bn_eps`` is the eps of the three BatchNorms of that projection. The original's is 1e-5; here it is
     0.1 (:data:`PROJ_BN_EPS`). The projection normalizes the attention neuron's spikes, which at
@@ -212,17 +217,20 @@ class SpikeDrivenSelfAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, v_threshold: float = 1.0,
-                 attn_threshold: float = 0.5, proj_bn_eps: float = PROJ_BN_EPS):
+                 attn_threshold: float = 0.5, proj_bn_eps: float = PROJ_BN_EPS, spike_levels: int = 1):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"SDSA width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.scale = scale
-        self.head_lif = MultiStepLIF(v_threshold)
-        self.q_conv, self.q_bn, self.q_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF(v_threshold)
-        self.k_conv, self.k_bn, self.k_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF(v_threshold)
-        self.v_conv, self.v_bn, self.v_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), MultiStepLIF(v_threshold)
-        self.attn_lif = MultiStepLIF(v_threshold=attn_threshold)
+        neuron = partial(spiking_neuron, v_threshold, spike_levels)
+        self.head_lif = neuron()
+        self.q_conv, self.q_bn, self.q_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), neuron()
+        self.k_conv, self.k_bn, self.k_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), neuron()
+        self.v_conv, self.v_bn, self.v_lif = RepConv(dim, dim), nn.BatchNorm2d(dim), neuron()
+        self.attn_lif = spiking_neuron(attn_threshold, spike_levels)
+        #: 0: the products run on the neurons' counts; D: on their D binary slots (set by expand_spikes)
+        self.binary_slots = 0
         self.proj_conv, self.proj_bn = RepConv(dim, dim), nn.BatchNorm2d(dim)
         self.set_proj_bn_eps(proj_bn_eps)
 
@@ -233,8 +241,8 @@ class SpikeDrivenSelfAttention(nn.Module):
     def set_thresholds(self, v_threshold: float, attn_threshold: float) -> None:
         """Firing thresholds of the input, Q, K, V neurons and of the attention neuron."""
         for lif in (self.head_lif, self.q_lif, self.k_lif, self.v_lif):
-            lif.v_threshold = float(v_threshold)
-        self.attn_lif.v_threshold = float(attn_threshold)
+            lif.set_threshold(v_threshold)
+        self.attn_lif.set_threshold(attn_threshold)
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:
         """``(T, B, C, H, W) -> (T, B, heads, N, d_h)`` with head-major channels."""
@@ -247,10 +255,19 @@ class SpikeDrivenSelfAttention(nn.Module):
         q = self._heads(self.q_lif(seq_apply(lambda s: self.q_bn(self.q_conv(s)), x)))
         k = self._heads(self.k_lif(seq_apply(lambda s: self.k_bn(self.k_conv(s)), x)))
         v = self._heads(self.v_lif(seq_apply(lambda s: self.v_bn(self.v_conv(s)), x)))
-        y = (q @ (k.transpose(-2, -1) @ v)) * self.scale  # (T, B, heads, N, d_h)
+        y = self._products(q, k, v) * self.scale  # (T, B, heads, N, d_h)
         y = y.transpose(-1, -2).reshape(t, b, c, h, w)
         y = self.attn_lif(y)
         return seq_apply(lambda s: self.proj_bn(self.proj_conv(s)), y)
+
+    def _products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``Q (K^T V)``; with :attr:`binary_slots` D, from the D binary slots of each count (spike-driven:
+        ``K^T V = sum_{d,e} K_d^T V_e`` are coincidence counts, ``Q (K^T V) = sum_d Q_d (K^T V)`` adds rows)."""
+        if not self.binary_slots:
+            return q @ (k.transpose(-2, -1) @ v)
+        kb, vb, qb = (binary_slots(x, self.binary_slots) for x in (k, v, q))  # (D, T, B, heads, N, d_h)
+        kv = sum(kb[d].transpose(-2, -1) @ vb[e] for d in range(len(kb)) for e in range(len(vb)))
+        return sum(qb[d] @ kv for d in range(len(qb)))
 
 
 class SpikeMLP(nn.Module):
@@ -261,13 +278,13 @@ class SpikeMLP(nn.Module):
     reshapes the weights), and keeps every layer of the network 4-D.
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4, v_threshold: float = 1.0):
+    def __init__(self, dim: int, mlp_ratio: int = 4, v_threshold: float = 1.0, spike_levels: int = 1):
         super().__init__()
         hidden = mlp_ratio * dim
-        self.lif1 = MultiStepLIF(v_threshold)
+        self.lif1 = spiking_neuron(v_threshold, spike_levels)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.lif2 = MultiStepLIF(v_threshold)
+        self.lif2 = spiking_neuron(v_threshold, spike_levels)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.bn2 = nn.BatchNorm2d(dim)
 
@@ -285,12 +302,12 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4, drop_path: float = 0.0,
-                 attn_proj_bn_eps: float = PROJ_BN_EPS, v_threshold: float = 1.0):
+                 attn_proj_bn_eps: float = PROJ_BN_EPS, v_threshold: float = 1.0, spike_levels: int = 1):
         super().__init__()
         # the attention neuron keeps the original's ratio to the others (0.5 : 1)
         self.attn = SpikeDrivenSelfAttention(dim, num_heads, v_threshold=v_threshold, attn_threshold=0.5 * v_threshold,
-                                             proj_bn_eps=attn_proj_bn_eps)
-        self.mlp = SpikeMLP(dim, mlp_ratio, v_threshold=v_threshold)
+                                             proj_bn_eps=attn_proj_bn_eps, spike_levels=spike_levels)
+        self.mlp = SpikeMLP(dim, mlp_ratio, v_threshold=v_threshold, spike_levels=spike_levels)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,9 +325,9 @@ class Downsample(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 2,
-                 padding: int = 1, spiking_input: bool = True, v_threshold: float = 1.0):
+                 padding: int = 1, spiking_input: bool = True, v_threshold: float = 1.0, spike_levels: int = 1):
         super().__init__()
-        self.lif = MultiStepLIF(v_threshold) if spiking_input else None
+        self.lif = spiking_neuron(v_threshold, spike_levels) if spiking_input else None
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
         self.bn = nn.BatchNorm2d(out_channels)
 

@@ -220,7 +220,8 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], source: 
 
     ``head`` and ``head_kd`` are converted when present. Fails listing every missing or unexpected key.
     The token-MLP weights change from Conv1d ``(out, in, 1)`` to 1x1 Conv2d ``(out, in, 1, 1)``. The
-    neuron-setting buffers get the original's values (``v_threshold`` 1.0, ``attn_proj_bn_eps`` 1e-5), so a
+    neuron-setting buffers get the original's values (``v_threshold`` 1.0, ``attn_proj_bn_eps`` 1e-5, binary
+    ``spike_levels`` 1), so a
     converted checkpoint computes the original's logits in a model built with this project's defaults.
     """
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
@@ -241,6 +242,7 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], source: 
     # the neuron settings the original trained with (MetaSpikeFormer applies them on load)
     out["v_threshold"] = torch.tensor(ORIGINAL_V_THRESHOLD, dtype=torch.float64)
     out["attn_proj_bn_eps"] = torch.tensor(ORIGINAL_PROJ_BN_EPS, dtype=torch.float64)
+    out["spike_levels"] = torch.tensor(1, dtype=torch.int64)  # binary LIF neurons
     return out
 
 

@@ -1,6 +1,7 @@
 """Meta-SpikeFormer image classifier and its timm registration.
 
-``timm.create_model("metaspikeformer_55m", num_classes=1000, T=4, kd=True)``; the original's factory
+``timm.create_model("metaspikeformer_55m", num_classes=1000, T=4, kd=True, spike_levels=1)`` (``spike_levels=4``:
+integer I-LIF neurons); the original's factory
 names ``metaspikformer_8_{384,512,768}`` are registered as aliases. Our checkpoints
 (``{"model": state_dict, ...}``) load with ``checkpoint_path=FILE`` (timm loads with ``weights_only=True``
 and ``strict=True``); the original's checkpoints go through ``tools/convert_original.py`` first.
@@ -17,7 +18,7 @@ from torch import nn
 
 from .backbone import V_THRESHOLD, VARIANTS, MetaSpikeFormer
 from .blocks import PROJ_BN_EPS
-from .neurons import MultiStepLIF, mean_over_time
+from .neurons import mean_over_time, spiking_neuron
 
 __all__ = ["MetaSpikeFormerClassifier", "MODEL_NAMES", "ALIASES"]
 
@@ -48,15 +49,16 @@ class MetaSpikeFormerClassifier(MetaSpikeFormer):
         drop_path_rate: float = 0.0,
         attn_proj_bn_eps: float = PROJ_BN_EPS,
         v_threshold: float = V_THRESHOLD,
+        spike_levels: int = 1,
     ):
         super().__init__(widths, variant=variant, time_steps=time_steps, in_chans=in_chans,
                          num_heads=num_heads, drop_path_rate=drop_path_rate, attn_proj_bn_eps=attn_proj_bn_eps,
-                         v_threshold=v_threshold, out_features=("stage4",))
+                         v_threshold=v_threshold, spike_levels=spike_levels, out_features=("stage4",))
         if head_input not in ("spikes", "membrane"):
             raise ValueError(f"head_input must be 'spikes' or 'membrane', got {head_input!r}")
         self.head_input = head_input
         self.num_features = self.widths[3]
-        self.lif = MultiStepLIF(v_threshold)
+        self.lif = spiking_neuron(v_threshold, spike_levels)
         self.head_drop = nn.Dropout(drop_rate)
         self.kd = kd
         self.reset_classifier(num_classes)

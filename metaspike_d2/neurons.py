@@ -14,8 +14,10 @@ from typing import Callable
 import torch
 from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import neuron, surrogate
+from spikingjelly.activation_based.layer import SpikeCountToBinary
 
-__all__ = ["MultiStepLIF", "LIFSurrogateCPU", "lif_inference_cpu", "seq_apply", "repeat_over_time", "mean_over_time"]
+__all__ = ["MultiStepLIF", "MultiStepILIF", "SPIKING_NEURONS", "spiking_neuron", "LIFSurrogateCPU", "lif_inference_cpu",
+           "ILIFSurrogateCPU", "ilif_inference_cpu", "binary_slots", "seq_apply", "repeat_over_time", "mean_over_time"]
 
 
 class MultiStepLIF(neuron.LIFNode):
@@ -70,6 +72,10 @@ class MultiStepLIF(neuron.LIFNode):
             self.detach_reset,
         )
         return spikes
+
+    def set_threshold(self, v_threshold: float) -> None:
+        """Firing threshold V_th (the same call sets an I-LIF's count unit from the binary V_th)."""
+        self.v_threshold = float(v_threshold)
 
     def extra_repr(self) -> str:
         return f"v_threshold={self.v_threshold}, tau={self.tau}, surrogate={self.surrogate_function}"
@@ -161,6 +167,144 @@ class LIFSurrogateCPU(torch.autograd.Function):
         return grad.div_(tau).to(grad_spikes.dtype), None, None, None
 
 
+#: Membrane decay of the integer neuron, ``beta = 1 - 1/tau = 0.25`` (SpikeYOLO's I-LIF; spikingjelly's default).
+ILIF_TAU = 4.0 / 3.0
+
+
+class MultiStepILIF(neuron.ILIFNode):
+    """Multi-step integer leaky integrate-and-fire neuron (I-LIF, SpikeYOLO): ``D``-level "integer spikes".
+
+    Per time step, with a membrane that starts at 0 in every call::
+
+        H[t] = beta * V[t-1] + X[t]                     (charge, beta = 1 - 1/tau = 0.25)
+        C[t] = round(clip(H[t] / V_th, 0, D))           (fire a count of 0..D unit spikes)
+        V[t] = H[t] - C[t] * V_th                       (soft reset, reset path detached)
+
+    Backward: straight-through, ``dC/dH = 1/V_th`` where ``H / V_th`` lies in ``[0, D]`` and 0 elsewhere
+    (spikingjelly's ``MultiLevelSpikeCount`` window). Input and output ``(T, B, ...)``; the output holds
+    integer counts in the input's dtype. At inference each count is ``D`` binary events
+    (:func:`metaspike_d2.expand_spikes`). It is spikingjelly's ``ILIFNode`` (monitors and op counters see
+    it; CUDA runs its kernels); on the CPU this project's kernels compute the same float operations.
+    """
+
+    #: As :attr:`MultiStepLIF.cpu_kernel`: False times spikingjelly's CPU path instead of this project's.
+    cpu_kernel: bool = True
+
+    def __init__(self, v_threshold: float = 1.0, spike_levels: int = 4, tau: float = ILIF_TAU):
+        if int(spike_levels) != spike_levels or spike_levels < 2:
+            raise ValueError(f"MultiStepILIF needs spike_levels D >= 2 (D = 1 is MultiStepLIF), got {spike_levels!r}")
+        super().__init__(tau=float(tau), v_threshold=float(v_threshold),
+                         surrogate_function=surrogate.MultiLevelSpikeCount(int(spike_levels)),
+                         detach_reset=True, step_mode="m")
+
+    @property
+    def spike_levels(self) -> int:
+        """D, the largest count one neuron emits per time step."""
+        return int(self.surrogate_function.max_spike_count)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if x_seq.dim() < 2:
+            raise ValueError(f"MultiStepILIF expects a (T, B, ...) tensor, got shape {tuple(x_seq.shape)}")
+        if self.cpu_kernel and x_seq.device.type == "cpu":
+            if torch.is_grad_enabled() and x_seq.requires_grad:
+                return ILIFSurrogateCPU.apply(x_seq, self.tau, self.v_threshold, self.spike_levels)
+            return ilif_inference_cpu(x_seq, self.tau, self.v_threshold, self.spike_levels)
+        v0 = torch.zeros(x_seq.shape[1:], dtype=torch.float32, device=x_seq.device)
+        spikes, _, _ = sj_functional.ilif_multi_step(x_seq, v0, self.tau, self.v_threshold, self.surrogate_function,
+                                                     self.detach_reset)
+        return spikes
+
+    def set_threshold(self, v_threshold: float) -> None:
+        """The count unit from a binary neuron's V_th: ``tau_LIF * V_th`` (see :func:`spiking_neuron`)."""
+        self.v_threshold = LIF_TAU * float(v_threshold)
+
+    def extra_repr(self) -> str:
+        return f"v_threshold={self.v_threshold}, spike_levels={self.spike_levels}, tau={self.tau:.4g}"
+
+
+#: tau of the binary neurons (MultiStepLIF's default).
+LIF_TAU = 2.0
+#: The neuron classes of this project (binary and integer).
+SPIKING_NEURONS = (MultiStepLIF, MultiStepILIF)
+
+
+def spiking_neuron(v_threshold: float, spike_levels: int = 1, tau: float = LIF_TAU,
+                   surrogate_alpha: float = 4.0) -> neuron.BaseNode:
+    """The paper's spike neuron layer with ``D = spike_levels``: binary LIF for D = 1, I-LIF for D >= 2.
+
+    The I-LIF's count unit is ``tau * v_threshold``, the input at which the binary LIF (charging
+    ``X / tau`` from rest) fires at T=1: with the default V_th 0.5 that is 1, SpikeYOLO's unit threshold
+    (the attention neurons, at half the threshold, count in units of 0.5).
+    """
+    if spike_levels == 1:
+        return MultiStepLIF(v_threshold, tau=tau, surrogate_alpha=surrogate_alpha)
+    return MultiStepILIF(float(tau) * float(v_threshold), spike_levels)
+
+
+def _ilif_count(charge: torch.Tensor, v_threshold: float, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """``round(clip(H / V_th, 0, D))``, the float operations of spikingjelly's CPU I-LIF, as ``dtype``."""
+    return charge.div(v_threshold).clamp_(0, levels).round_().to(dtype)
+
+
+def ilif_inference_cpu(x_seq: torch.Tensor, tau: float, v_threshold: float, levels: int) -> torch.Tensor:
+    """Forward-only multi-step I-LIF from a zero membrane (soft reset), bit-identical to spikingjelly's CPU
+    op without its checks, stacking and saved charges. At T=1 the membrane is the input (``0.25 * 0 + X``)."""
+    x = x_seq.float() if x_seq.dtype in (torch.float16, torch.bfloat16) else x_seq
+    if x.shape[0] == 1:
+        return _ilif_count(x, v_threshold, levels, x_seq.dtype)
+    out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+    decay, v = 1 - 1 / float(tau), torch.zeros_like(x[0])
+    for t in range(x.shape[0]):
+        h = decay * v + x[t]
+        count = h.div(v_threshold).clamp_(0, levels).round_()
+        out[t] = count
+        v = h - count * v_threshold
+    return out
+
+
+class ILIFSurrogateCPU(torch.autograd.Function):
+    """Multi-step I-LIF with the rectangular straight-through gradient, for training on the CPU.
+
+    The forward is :func:`ilif_inference_cpu`'s (spikingjelly's float operations); the backward is
+    spikingjelly's with a detached reset: ``dH[t] = dC[t] * [0 <= H[t]/V_th <= D] / V_th + beta * dH[t+1]``,
+    ``dX[t] = dH[t]``. Only the window mask is saved (a bool per element; spikingjelly keeps the charges).
+    Written by hand for the reason given at :class:`LIFSurrogateCPU`: per-call overhead at T=1.
+    """
+
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, tau: float, v_threshold: float, levels: int) -> torch.Tensor:
+        x = x_seq.float()
+        decay, v_threshold = 1 - 1 / float(tau), float(v_threshold)
+        ctx.constants = (decay, v_threshold)
+        counts = torch.empty_like(x, memory_format=torch.contiguous_format)
+        window = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        v, steps = None, x.shape[0]
+        for t in range(steps):
+            h = x[t] if v is None else decay * v + x[t]
+            scaled = h / v_threshold
+            torch.logical_and(scaled >= 0, scaled <= levels, out=window[t])
+            torch.round(scaled.clamp_(0, levels), out=counts[t])
+            if t + 1 < steps:  # the membrane after the last step is not an output
+                v = h - counts[t] * v_threshold
+        ctx.save_for_backward(window)
+        return counts.to(x_seq.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_counts: torch.Tensor):
+        (window,) = ctx.saved_tensors
+        decay, v_threshold = ctx.constants
+        g = grad_counts.float()
+        grad = torch.empty_like(g, memory_format=torch.contiguous_format)
+        carry = None
+        for t in range(g.shape[0] - 1, -1, -1):
+            gh = torch.div(g[t], v_threshold, out=grad[t]).masked_fill_(~window[t], 0.0)
+            if carry is not None:
+                gh.add_(carry)
+            carry = gh * decay
+        return grad.to(grad_counts.dtype), None, None, None
+
+
 def _divides_exactly(tau: float, v_threshold: float) -> bool:
     """True when ``X / tau >= V_th`` and ``X >= tau * V_th`` agree for every float X: tau is a power of two
     (dividing by it is exact) and ``tau * V_th`` is finite."""
@@ -171,6 +315,18 @@ def _divides_exactly(tau: float, v_threshold: float) -> bool:
 def _fire(charge: torch.Tensor, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
     """``S = H >= V_th`` as a ``dtype`` tensor, written directly (no bool result to convert afterwards)."""
     return torch.ge(charge, v_threshold, out=torch.empty(charge.shape, dtype=dtype, device=charge.device))
+
+
+def binary_slots(counts: torch.Tensor, levels: int) -> torch.Tensor:
+    """Integer spike counts ``(...)`` in ``0..D`` -> their ``D`` binary slots ``(D, ...)`` (slot d fires where
+    count > d; the slots sum to the counts): spikingjelly's ``SpikeCountToBinary``, with the range checked."""
+    if levels < 1:
+        raise ValueError(f"binary_slots: levels D must be >= 1, got {levels}")
+    bad = (counts < 0) | (counts > levels) | (counts != counts.round())
+    if bool(bad.any()):
+        value = counts[bad].flatten()[0].item()
+        raise ValueError(f"binary_slots: expected integer spike counts in 0..{levels}, found {value!r}")
+    return SpikeCountToBinary(levels, always_convert=True)(counts.unsqueeze(0))
 
 
 def seq_apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -71,10 +71,15 @@ def _images(n=2, size=64):
     ("configs/COCO-InstanceSegmentation/mask_rcnn_metaspike_15m_FPN_T1.yaml", ["MODEL.METASPIKE.SPIKING_HEADS", False]),
     ("configs/COCO-Detection/retinanet_metaspike_15m_FPN_T1.yaml", []),
     ("configs/COCO-InstanceSegmentation/cascade_mask_rcnn_metaspike_15m_FPN_T1.yaml", []),
-], ids=["mask_rcnn_T1", "mask_rcnn_T2", "mask_rcnn_stock_heads", "retinanet", "cascade"])
+    ("configs/COCO-InstanceSegmentation/mask_rcnn_metaspike_15m_FPN_T1.yaml", ["MODEL.METASPIKE.SPIKE_LEVELS", 4]),
+    ("configs/COCO-Detection/retinanet_metaspike_15m_FPN_T1.yaml", ["MODEL.METASPIKE.SPIKE_LEVELS", 4]),
+], ids=["mask_rcnn_T1", "mask_rcnn_T2", "mask_rcnn_stock_heads", "retinanet", "cascade", "mask_rcnn_D4", "retinanet_D4"])
 def test_train_step_and_inference(config, opts):
     cfg = make_cfg(config, *opts)
     model = build_model(cfg)
+    from spikingjelly.activation_based.neuron import BaseNode
+    levels = {getattr(n, "spike_levels", 1) for n in model.modules() if isinstance(n, BaseNode)}
+    assert levels == {cfg.MODEL.METASPIKE.SPIKE_LEVELS}  # backbone, neck and heads
     model.train()
     optimizer = build_optimizer(cfg, model)
     with EventStorage():

@@ -103,7 +103,7 @@ def _original_like_state_dict():
     inverse = {v: k for k, v in original_key_map(("head",)).items()}
     out = {}
     for key, value in ours.items():
-        if key in NEURON_SETTINGS:
+        if key in NEURON_SETTINGS or key == "spike_levels":  # ours only: the converter writes them
             continue
         if ".mlp.fc" in key and key.endswith(".weight"):
             value = value.squeeze(-1)

@@ -18,7 +18,9 @@ from metaspike_d2 import reparameterize
 from .test_reparam import TOL, activate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = sorted(glob.glob(os.path.join(ROOT, "configs", "quickstart", "*.yaml")))
+# (the integer-spike *_d4 variants are compared in float64 in tests/test_integer_spikes.py: with four count
+# boundaries per neuron, float32 rounding moves some count of a random-weight model by one)
+QUICKSTART = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "quickstart", "*.yaml")) if not p.endswith("_d4.yaml"))
 # Heads not in a quickstart config, run with the tiny backbone: RetinaNet (Sequential(conv, BN) subnets).
 EXTRA = [(os.path.join(ROOT, "configs", "COCO-Detection", "retinanet_metaspike_15m_FPN_T1.yaml"),
           ["MODEL.METASPIKE.VARIANT", "tiny", "MODEL.RETINANET.NORM", "BN"])]

@@ -111,7 +111,8 @@ PAPER_LAYOUT = ("MODEL.METASPIKE.OUT_FEATURES", ["stem", "stage1", "stage2", "st
 
 
 @pytest.mark.parametrize("time_steps,time_mode,layout", [(1, "mean", ()), (2, "mean", ()), (2, "spiking", ()),
-                                                         (2, "spiking", PAPER_LAYOUT)])
+                                                         (2, "spiking", PAPER_LAYOUT),
+                                                         (1, "spiking", ("MODEL.METASPIKE.SPIKE_LEVELS", 4))])
 def test_train_step_and_inference(time_steps, time_mode, layout):
     cfg = load_cfg(QUICKSTART, "MODEL.METASPIKE.T", time_steps, "MODEL.METASPIKE.SEM_SEG.TIME_MODE", time_mode, *layout)
     model = build_model(cfg)

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from metaspike_d2.checkpoint import load_checkpoint_file  # noqa: E402
 from metaspike_d2.energy import PRESETS, EnergyConstants  # noqa: E402
 from metaspike_d2.energy.data import classification_tensor, list_images, load_image, synthetic_images  # noqa: E402
 from metaspike_d2.energy.plots import capture_stage_spikes, plot_firing_rates, plot_spike_maps  # noqa: E402
@@ -56,6 +57,9 @@ def parse_args(argv=None):
                         "(default INPUT.MIN_SIZE_TEST)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=1000, help="classification head size")
+    p.add_argument("--spike-levels", type=int, default=None,
+                   help="D of the neurons (classification default: the --weights' spike_levels, else 1; "
+                        "Detectron2: sets MODEL.METASPIKE.SPIKE_LEVELS)")
     p.add_argument("--output", default=None, help="output folder (default output/energy/<model or config>)")
     p.add_argument("--image", default=None, help="also plot this image's spike maps per stage and time step")
     p.add_argument("--energy-preset", choices=sorted(PRESETS), default="fp32",
@@ -96,7 +100,13 @@ def _classification(args, constants):
     import metaspike_d2  # noqa: F401  (registers the models with timm)
 
     t = args.time_steps or 4
-    kwargs = {"num_classes": args.num_classes, "time_steps": t}
+    levels = args.spike_levels
+    if args.weights:
+        ckpt = load_checkpoint_file(args.weights)
+        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+        if levels is None and "spike_levels" in state:
+            levels = int(state["spike_levels"])
+    kwargs = {"num_classes": args.num_classes, "time_steps": t, "spike_levels": levels or 1}
     if args.weights:
         kwargs["checkpoint_path"] = args.weights
     model = timm.create_model(args.model, **kwargs)
@@ -127,8 +137,9 @@ def _show(img, size):
 def _detectron2(args, constants):
     from metaspike_d2.d2.energy_hook import build_d2_energy_model
 
+    levels = [] if args.spike_levels is None else ["MODEL.METASPIKE.SPIKE_LEVELS", str(args.spike_levels)]
     model, cfg, t, prepare = build_d2_energy_model(args.config_file, args.weights,
-                                                    list(args.opts) + _own_data_opts(args), args.time_steps,
+                                                    list(args.opts) + levels + _own_data_opts(args), args.time_steps,
                                                     args.input_size)
     size = cfg.INPUT.MIN_SIZE_TEST
     raw, dataset = _images(args, (size, size * 4 // 3))

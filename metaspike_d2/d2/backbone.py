@@ -24,7 +24,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 from torch import nn
 
 from ..backbone import MetaSpikeFormer
-from ..neurons import MultiStepLIF, mean_over_time, seq_apply
+from ..neurons import mean_over_time, seq_apply, spiking_neuron
 
 __all__ = [
     "MetaSpikeFormerBackbone",
@@ -38,10 +38,11 @@ __all__ = [
 ]
 
 
-def build_lif(cfg) -> MultiStepLIF:
-    """A neuron of the spiking neck/heads with the ``MODEL.METASPIKE.NEURON`` settings."""
+def build_lif(cfg) -> nn.Module:
+    """A neuron of the spiking neck/heads with the ``MODEL.METASPIKE.NEURON`` settings: a binary LIF, or an
+    I-LIF for ``MODEL.METASPIKE.SPIKE_LEVELS`` >= 2 (:func:`~metaspike_d2.neurons.spiking_neuron`)."""
     n = cfg.MODEL.METASPIKE.NEURON
-    return MultiStepLIF(v_threshold=n.V_THRESHOLD, tau=n.TAU, surrogate_alpha=n.SURROGATE_ALPHA)
+    return spiking_neuron(n.V_THRESHOLD, cfg.MODEL.METASPIKE.SPIKE_LEVELS, tau=n.TAU, surrogate_alpha=n.SURROGATE_ALPHA)
 
 
 class MetaSpikeFormerBackbone(MetaSpikeFormer, Backbone):
@@ -77,6 +78,7 @@ def build_metaspike_backbone(cfg, input_shape: ShapeSpec) -> MetaSpikeFormerBack
         time_steps=m.T,
         in_chans=input_shape.channels,
         num_heads=m.NUM_HEADS,
+        spike_levels=m.SPIKE_LEVELS,
         drop_path_rate=m.DROP_PATH_RATE,
         stage4_stride=m.STAGE4_STRIDE,
         out_features=m.OUT_FEATURES,

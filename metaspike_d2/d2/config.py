@@ -24,6 +24,10 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.T = 1
     # SDSA heads in stages 3 and 4.
     _C.MODEL.METASPIKE.NUM_HEADS = 8
+    # D, the largest spike count of a neuron per time step, for the backbone, the spiking neck and heads:
+    # 1 = binary LIF neurons (the paper); >= 2 = integer I-LIF neurons (SpikeYOLO: counts 0..D, binary D
+    # events each at inference, metaspike_d2.expand_spikes). Stored with the backbone's weights and checked.
+    _C.MODEL.METASPIKE.SPIKE_LEVELS = 1
     # Stochastic depth over the 8 transformer blocks (rate rises linearly to this value).
     _C.MODEL.METASPIKE.DROP_PATH_RATE = 0.0
     # Stride of the stage-4 downsample: 2 puts stage 4 at stride 32 (features at 4/8/16/32, the
@@ -120,7 +124,7 @@ def add_metaspike_config(cfg: CN) -> None:
     # Photometric distortion (brightness, contrast, saturation, hue; mmseg's PhotoMetricDistortion).
     _C.INPUT.COLOR_AUG_SSD = False
 
-    # ---- Firing-rate logging (issue 6; metaspike_d2/d2/energy_hook.py, docs/energy.md) ----------
+    # ---- Firing-rate logging (metaspike_d2/d2/energy_hook.py, docs/energy.md) ----------
     # Every this many training iterations, FiringRateHook records that iteration's spikes and puts the
     # mean firing rate of each stage's neurons (stem, stage1..4, neck, proposal_generator, roi_heads,
     # sem_seg_head, ...) into the event storage as "firing_rate/<stage>" (TensorBoard, metrics.json).
@@ -128,7 +132,7 @@ def add_metaspike_config(cfg: CN) -> None:
     _C.MODEL.METASPIKE.FIRING_RATE_PERIOD = 0
     # ---- end of firing-rate logging --------------------------------------------------------------
 
-    # ---- Robustness (issue 7; metaspike_d2/d2/engine.py, docs/troubleshooting.md) ----------------
+    # ---- Robustness (metaspike_d2/d2/engine.py, docs/troubleshooting.md) ----------------
     # Normalization of the Meta-SpikeFormer backbone in training: "BN" (per-process BatchNorm) or "SyncBN"
     # (every backbone BatchNorm, BN-and-pad included, synchronized across processes; GPUs only: a
     # multi-process CPU run with SyncBN is refused at build time).

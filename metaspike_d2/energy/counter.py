@@ -5,14 +5,19 @@ What is counted (``docs/energy.md`` has the full method and a worked example):
 * every weight layer (``nn.Conv1d/2d``, ``nn.ConvTranspose2d``, ``nn.Linear``) as it runs: the dense
   multiply-accumulates of the call (the paper's "FLOPs": ``k^2 * C_in/groups * C_out * H_out * W_out``,
   ``in * out`` for a linear layer; BN is folded into the convs and not counted, nor are residual adds,
-  pooling, the attention scale or the neurons themselves), and whether its input is a binary spike tensor
-  (spikingjelly's :func:`~spikingjelly.activation_based.op_counter.base.is_binary_tensor`). Binary input:
-  accumulate-only ("ac") with ``SOPs = firing rate x dense ops``; anything else: multiply-accumulate ("mac");
+  pooling, the attention scale or the neurons themselves), and whether its input is a spike tensor:
+  binary (spikingjelly's :func:`~spikingjelly.activation_based.op_counter.base.is_binary_tensor`) or the
+  integer counts of I-LIF neurons (``0..D``, each count being that many unit events after
+  :func:`~metaspike_d2.expand_spikes`). Spike input: accumulate-only ("ac") with
+  ``SOPs = firing rate x dense ops``, the firing rate being the mean count per input element and time step
+  (for D > 1 that is D x the binary firing rate of the expanded model, as SpikeYOLO counts it); anything
+  else: multiply-accumulate ("mac");
 * the two spike-driven matrix products of every :class:`~metaspike_d2.blocks.SpikeDrivenSelfAttention`
   (``K^T V`` and ``Q (K^T V)``), which are not modules: from the K and Q spikes, ``d_h`` accumulates per
-  spike;
+  spike (per unit of a count);
 * every spiking neuron's output (spikingjelly :class:`~spikingjelly.activation_based.monitor.OutputMonitor`
-  on ``neuron.BaseNode``, which sees :class:`~metaspike_d2.neurons.MultiStepLIF`): spikes per time step.
+  on ``neuron.BaseNode``, which sees :class:`~metaspike_d2.neurons.MultiStepLIF` and
+  :class:`~metaspike_d2.neurons.MultiStepILIF`): spikes (summed counts) per time step.
 
 Two accountings come out of the same run:
 
@@ -47,6 +52,7 @@ from torch import nn
 
 from ..backbone import FEATURE_NAMES
 from ..blocks import RepConv, SepConv, SpikeDrivenSelfAttention
+from ..neurons import MultiStepILIF
 
 __all__ = ["LayerCount", "NeuronCount", "SpikeCounter", "stage_of", "WEIGHT_LAYERS", "exact_synops"]
 
@@ -132,13 +138,20 @@ class LayerCount:
 
 @dataclass
 class NeuronCount:
-    """Output firing rate of one spiking neuron layer (fraction of non-zero outputs), mean and per step."""
+    """Output firing rate of one spiking neuron layer, mean and per step: the mean spike count per neuron and
+    time step (binary neurons: the fraction that fires; I-LIF neurons: a count in ``0..spike_levels``)."""
 
     name: str
     stage: str
     firing_rate: float
     firing_rate_per_step: List[float]
     numel_per_image: float
+    spike_levels: int = 1
+
+    @property
+    def binary_rate(self) -> float:
+        """Firing rate of the binary-expanded neuron (D unit-event slots per step): ``firing_rate / D``."""
+        return self.firing_rate / self.spike_levels
 
 
 def _dense_ops(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> float:
@@ -260,13 +273,13 @@ class SpikeCounter:
                 acc.first_call = self._calls
             self._calls += 1
             dense = _dense_ops(module, x, output)
-            binary = is_binary_tensor(x)
+            binary = _is_spike_input(x)
             steps, per_step = self._split_steps(module, x, binary)
             acc.calls += 1
             acc.dense += dense
             acc.steps = steps
             if binary:
-                nnz = per_step.count_nonzero(dim=1).double()
+                nnz = per_step.sum(dim=1, dtype=torch.float64)  # spikes: non-zeros, or the sum of counts
                 numel = float(per_step.shape[1])
                 acc.weighted += float(nnz.sum()) / (numel * steps) * dense
                 acc.add_steps(nnz.tolist(), [numel] * steps)
@@ -287,8 +300,10 @@ class SpikeCounter:
         for name, records in self._neuron_records().items():
             nnz, numel = _sum_records(records)
             per_step = [float(a) / float(b) for a, b in zip(nnz, numel)]
+            module = self._modules.get(name)
+            levels = module.spike_levels if isinstance(module, MultiStepILIF) else 1
             out.append(NeuronCount(name, stage_of(name), float(sum(nnz)) / float(sum(numel)), per_step,
-                                   float(sum(numel)) / max(self.num_images, 1)))
+                                   float(sum(numel)) / max(self.num_images, 1), levels))
         return out
 
     def stage_firing_rates(self) -> Dict[str, float]:
@@ -376,9 +391,16 @@ class SpikeCounter:
 
 
 def _spikes_per_step(spikes: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """For the neuron monitor: ``(T, B, ...)`` spikes -> (non-zeros per time step, elements per step)."""
+    """For the neuron monitor: ``(T, B, ...)`` spikes or counts -> (spikes per time step, elements per step)."""
     s = spikes.detach()
-    return s.reshape(s.shape[0], -1).count_nonzero(dim=1).double().cpu(), int(s[0].numel())
+    return s.reshape(s.shape[0], -1).sum(dim=1, dtype=torch.float64).cpu(), int(s[0].numel())
+
+
+def _is_spike_input(x: torch.Tensor) -> bool:
+    """Binary spikes, or I-LIF counts (non-negative integers): an accumulate-only input."""
+    if is_binary_tensor(x):
+        return True
+    return x.is_floating_point() and x.numel() > 0 and bool(((x >= 0) & (x == x.round())).all())
 
 
 def _sum_records(records: Iterable[Tuple[torch.Tensor, int]]) -> Tuple[List[float], List[float]]:

@@ -81,6 +81,11 @@ class EnergyReport:
                    counter.layers("naive"), counter.neurons(), counter.stage_firing_rates(), input_size, dataset)
 
     @property
+    def spike_levels(self) -> int:
+        """D of the counted model's neurons (1: binary)."""
+        return max((n.spike_levels for n in self.neurons), default=1)
+
+    @property
     def totals(self) -> Totals:
         return totals_of(self.layers, self.constants, self.naive_layers)
 
@@ -95,6 +100,7 @@ class EnergyReport:
             "dataset": self.dataset,
             "input_size": self.input_size,
             "time_steps": self.time_steps,
+            "spike_levels": self.spike_levels,
             "num_images": self.num_images,
             "accounting": "paper (after re-parameterization)",
             "energy_mj_per_image": t.energy_mj_per_image,
@@ -121,7 +127,8 @@ class EnergyReport:
             },
             "neurons": [
                 {"name": n.name, "stage": n.stage, "firing_rate": n.firing_rate,
-                 "firing_rate_per_step": n.firing_rate_per_step} for n in self.neurons
+                 "firing_rate_per_step": n.firing_rate_per_step, "spike_levels": n.spike_levels,
+                 "binary_rate": n.binary_rate} for n in self.neurons
             ],
         }
 
@@ -178,7 +185,13 @@ class EnergyReport:
                          f"{sum(l.sops for l in ls) / 1e9:>9.3f} {e:>12.4f}")
         t, nt = self.totals, self.naive_totals
         lines.append("")
-        lines.append(f"model {self.model}  T={self.time_steps}  images={self.num_images}  input={self.input_size}  "
+        levels = self.spike_levels
+        if levels > 1:
+            counts = [n for n in self.neurons if n.spike_levels > 1]
+            mean = sum(n.firing_rate * n.numel_per_image for n in counts) / max(sum(n.numel_per_image for n in counts), 1)
+            lines.append(f"integer spikes (D={levels}): mean count per neuron and step {mean:.4f}; binary firing rate "
+                         f"of the expanded model (D slots per step) {mean / levels:.4f}; 'fr' above is the mean count")
+        lines.append(f"model {self.model}  T={self.time_steps}  D={levels}  images={self.num_images}  input={self.input_size}  "
                      f"E_MAC={c.e_mac_pj} pJ  E_AC={c.e_ac_pj} pJ ({c.preset})")
         for label, tot in (("paper (re-parameterized)", t), ("naive (operator level)", nt)):
             lines.append(f"{label:<26} energy/image {tot.energy_mj_per_image:9.4f} mJ = MAC {tot.mac_energy_mj:.4f} "
