@@ -1,8 +1,8 @@
 """Train and evaluate from scratch on real datasets, with the commands the README shows, one line per run.
 
     python benchmarks/real_data.py --raccoon ../shared/data/raccoon --camvid ../shared/data/camvid --digits \
-        [--parts raccoon camvid digits] [--seeds 0 1] [--work-dir /tmp/metaspike_real] [--output FILE.json]
-        [--extra KEY VALUE ...]
+        [--parts raccoon camvid digits] [--seeds 0 1] [--spike-levels 4] [--work-dir /tmp/metaspike_real]
+        [--output FILE.json] [--extra KEY VALUE ...]
 
 Parts (each runs its command as a subprocess, on the CPU, and times it end to end):
 
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def raccoon_command(raccoon: Path, work: Path, seed: int) -> list:
+def raccoon_command(raccoon: Path, work: Path, seed: int, out: Path) -> list:
     """The README's raccoon command (train on 128 photos, evaluate on 32), with the split folders made here."""
     xmls = sorted((raccoon / "annotations").glob("*.xml"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     if not xmls:
@@ -52,7 +52,7 @@ def raccoon_command(raccoon: Path, work: Path, seed: int) -> list:
         "--register-voc", "raccoon_train", str(raccoon / "images"), str(work / "raccoon" / "train_xml"),
         "--register-voc", "raccoon_val", str(raccoon / "images"), str(work / "raccoon" / "val_xml"),
         "DATASETS.TRAIN", "('raccoon_train',)", "DATASETS.TEST", "('raccoon_val',)", "MODEL.MASK_ON", "False",
-        *RACCOON_OVERRIDES, "SEED", str(seed), "OUTPUT_DIR", str(work / f"raccoon_seed{seed}"),
+        *RACCOON_OVERRIDES, "SEED", str(seed), "OUTPUT_DIR", str(out),
     ]
 
 
@@ -61,7 +61,7 @@ RACCOON_OVERRIDES = ["INPUT.MIN_SIZE_TRAIN", "(128, 160, 192)", "INPUT.MAX_SIZE_
                      "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "224", "SOLVER.MAX_ITER", "1500"]
 
 
-def camvid_command(camvid: Path, work: Path, seed: int) -> list:
+def camvid_command(camvid: Path, seed: int, out: Path) -> list:
     return [
         "tools/train_net.py", "--config-file", "configs/quickstart/semfpn_metaspike_tiny_real.yaml",
         "--register-sem-seg", "camvid_train", str(camvid / "train"), str(camvid / "trainannot"),
@@ -69,7 +69,7 @@ def camvid_command(camvid: Path, work: Path, seed: int) -> list:
         "--register-sem-seg", "camvid_val", str(camvid / "val"), str(camvid / "valannot"), str(camvid / "classes.txt"),
         "--ignore-label", "11",
         "DATASETS.TRAIN", "('camvid_train',)", "DATASETS.TEST", "('camvid_val',)",
-        *CAMVID_OVERRIDES, "SEED", str(seed), "OUTPUT_DIR", str(work / f"camvid_seed{seed}"),
+        *CAMVID_OVERRIDES, "SEED", str(seed), "OUTPUT_DIR", str(out),
     ]
 
 
@@ -99,11 +99,11 @@ def write_digits(root: Path) -> Path:
     return root
 
 
-def digits_command(work: Path, seed: int) -> list:
+def digits_command(work: Path, seed: int, out: Path) -> list:
     data = write_digits(work / "digits")
     return ["classification/train.py", "--model", "metaspikeformer_tiny", "--data-path", str(data),
             "--input-size", "32", "--epochs", "30", "--warmup-epochs", "2", "--batch-size", "64", "--device", "cpu",
-            "--seed", str(seed), "--no-tensorboard", "--output-dir", str(work / f"digits_seed{seed}")]
+            "--seed", str(seed), "--no-tensorboard", "--output-dir", str(out)]
 
 
 def run(cmd: list, log: Path) -> tuple:
@@ -131,6 +131,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/metaspike_real_data"))
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/real_data.json")
+    p.add_argument("--spike-levels", type=int, default=1,
+                   help="D of every neuron (1: binary LIF; 4: integer I-LIF), for every part")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for Detectron2 runs")
     args = p.parse_args(argv)
     parts = args.parts or [n for n, given in (("raccoon", args.raccoon), ("camvid", args.camvid),
@@ -139,16 +141,20 @@ def main(argv=None):
     rows = []
     for part in parts:
         for seed in args.seeds:
+            levels = [] if args.spike_levels == 1 else ["MODEL.METASPIKE.SPIKE_LEVELS", str(args.spike_levels)]
+            tag = f"{part}_seed{seed}" + ("" if args.spike_levels == 1 else f"_d{args.spike_levels}")
+            out = args.work_dir / tag
             if part == "raccoon":
-                cmd = raccoon_command(args.raccoon.resolve(), args.work_dir, seed) + args.extra
+                cmd = raccoon_command(args.raccoon.resolve(), args.work_dir, seed, out) + levels + args.extra
             elif part == "camvid":
-                cmd = camvid_command(args.camvid.resolve(), args.work_dir, seed) + args.extra
+                cmd = camvid_command(args.camvid.resolve(), seed, out) + levels + args.extra
             elif part == "digits":
-                cmd = digits_command(args.work_dir, seed)
+                cmd = digits_command(args.work_dir, seed, out) + ["--spike-levels", str(args.spike_levels)]
             else:
                 raise SystemExit(f"unknown part {part!r}: raccoon, camvid or digits")
-            rc, seconds, text = run(cmd, args.work_dir / f"{part}_seed{seed}.log")
-            row = {"part": part, "seed": seed, "exit": rc, "seconds": round(seconds, 1), "command": cmd}
+            rc, seconds, text = run(cmd, args.work_dir / f"{tag}.log")
+            row = {"part": part, "seed": seed, "spike_levels": args.spike_levels, "exit": rc,
+                   "seconds": round(seconds, 1), "command": cmd}
             if part == "digits":
                 tops = [float(m) for m in re.findall(r"val top-1 ([0-9.]+)%", text)]
                 row.update(epochs=len(tops), top1_last=tops[-1] if tops else None, top1_best=max(tops, default=None))
@@ -166,8 +172,8 @@ def main(argv=None):
                     m = row["metrics"].get("bbox", {})
                     summary = f"bbox AP50 {m.get('AP50', float('nan')):.1f} AP {m.get('AP', float('nan')):.1f}"
             rows.append(row)
-            print(f"{part} seed {seed}: {summary} | exit {rc} | {seconds / 60:.1f} min | "
-                  f"log {args.work_dir / f'{part}_seed{seed}.log'}", flush=True)
+            print(f"{part} seed {seed} D={args.spike_levels}: {summary} | exit {rc} | {seconds / 60:.1f} min | "
+                  f"log {args.work_dir / f'{tag}.log'}", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"rows": rows}, indent=1))
     print(f"wrote {args.output}")
