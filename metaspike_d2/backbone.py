@@ -28,7 +28,7 @@ from .blocks import PROJ_BN_EPS, ConvBlock, Downsample, SpikeDrivenSelfAttention
 from .neurons import SPIKING_NEURONS
 
 __all__ = ["VARIANTS", "Variant", "MetaSpikeFormer", "FEATURE_NAMES", "FeatureInfo", "V_THRESHOLD",
-           "ORIGINAL_V_THRESHOLD", "NEURON_SETTINGS"]
+           "ORIGINAL_V_THRESHOLD", "NEURON_SETTINGS", "OWN_BUFFERS"]
 
 #: Firing threshold of the backbone's neurons in new models (the attention neurons get half of it). At T=1
 #: a neuron fires where its input reaches tau * V_th, i.e. 1 here: ~16 % of BN-normalized inputs at
@@ -40,6 +40,8 @@ ORIGINAL_V_THRESHOLD = 1.0
 #: Buffers of :class:`MetaSpikeFormer` that store the neuron settings with the weights, so a checkpoint
 #: restores the settings it was trained with whatever the model was built with.
 NEURON_SETTINGS = ("v_threshold", "attn_proj_bn_eps")
+#: Every buffer this project stores that the original's checkpoints do not have (the converter writes them).
+OWN_BUFFERS = (*NEURON_SETTINGS, "spike_levels")
 
 
 @dataclass(frozen=True)

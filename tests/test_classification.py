@@ -15,7 +15,7 @@ from classification import export, train  # noqa: E402
 from classification.data import SYNTHETIC_CLASSES, build_dataset, make_synthetic_imagefolder  # noqa: E402
 from classification.distill import DistillationLoss, build_teacher  # noqa: E402
 from metaspike_d2 import MetaSpikeFormer  # noqa: E402
-from metaspike_d2.backbone import NEURON_SETTINGS  # noqa: E402
+from metaspike_d2.backbone import OWN_BUFFERS  # noqa: E402
 from metaspike_d2.checkpoint import (CheckpointError, load_backbone_weights, load_checkpoint_file,  # noqa: E402
                                      load_state_dict_strict, original_key_map)
 
@@ -197,7 +197,7 @@ def test_export_original_layout(tmp_path):
     inverse = {v: k for k, v in original_key_map(("head", "head_kd")).items()}
     original = {}
     for key, value in ours.items():
-        if key in NEURON_SETTINGS:  # not in the original's files: the converter adds the original's values
+        if key in OWN_BUFFERS:  # not in the original's files: the converter adds the original's values
             continue
         if ".mlp.fc" in key and key.endswith(".weight"):
             value = value.squeeze(-1)  # the original's Conv1d weights (out, in, 1)
@@ -208,7 +208,7 @@ def test_export_original_layout(tmp_path):
     assert report["layout"] == "original BICLab" and sorted(report["dropped"]) == sorted(
         ["head.weight", "head.bias", "head_kd.weight", "head_kd.bias"])
     expected = {**ours, "v_threshold": torch.tensor(1.0, dtype=torch.float64),  # the original's settings
-                "attn_proj_bn_eps": torch.tensor(1e-5, dtype=torch.float64)}
+                "attn_proj_bn_eps": torch.tensor(1e-5, dtype=torch.float64), "spike_levels": torch.tensor(1)}
     _assert_loads_into_backbone(tmp_path / "bb.pth", expected)
 
 

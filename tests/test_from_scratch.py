@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaspike_d2 import MetaSpikeFormer, MultiStepLIF, reparameterize
-from metaspike_d2.backbone import NEURON_SETTINGS, ORIGINAL_V_THRESHOLD, V_THRESHOLD
+from metaspike_d2.backbone import NEURON_SETTINGS, ORIGINAL_V_THRESHOLD, OWN_BUFFERS, V_THRESHOLD
 from metaspike_d2.blocks import ORIGINAL_PROJ_BN_EPS, PROJ_BN_EPS, SpikeDrivenSelfAttention
 from metaspike_d2.checkpoint import convert_original_state_dict, load_state_dict_strict
 from metaspike_d2.classifier import MetaSpikeFormerClassifier
@@ -103,7 +103,7 @@ def _original_like_state_dict():
     inverse = {v: k for k, v in original_key_map(("head",)).items()}
     out = {}
     for key, value in ours.items():
-        if key in NEURON_SETTINGS or key == "spike_levels":  # ours only: the converter writes them
+        if key in OWN_BUFFERS:  # ours only: the converter writes them
             continue
         if ".mlp.fc" in key and key.endswith(".weight"):
             value = value.squeeze(-1)
