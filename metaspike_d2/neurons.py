@@ -17,7 +17,12 @@ from spikingjelly.activation_based import neuron, surrogate
 from spikingjelly.activation_based.layer import SpikeCountToBinary
 
 __all__ = ["MultiStepLIF", "MultiStepILIF", "SPIKING_NEURONS", "spiking_neuron", "LIFSurrogateCPU", "lif_inference_cpu",
-           "ILIFSurrogateCPU", "ilif_inference_cpu", "binary_slots", "seq_apply", "repeat_over_time", "mean_over_time"]
+           "ILIFSurrogateCPU", "ilif_inference_cpu", "is_spike_count", "binary_slots", "seq_apply", "repeat_over_time",
+           "mean_over_time"]
+
+
+#: tau of the binary neurons (MultiStepLIF's default).
+LIF_TAU = 2.0
 
 
 class MultiStepLIF(neuron.LIFNode):
@@ -35,7 +40,7 @@ class MultiStepLIF(neuron.LIFNode):
     on CUDA spikingjelly picks its fused kernel (native CUDA or Triton), on the CPU the torch path.
     """
 
-    def __init__(self, v_threshold: float = 1.0, tau: float = 2.0, surrogate_alpha: float = 4.0):
+    def __init__(self, v_threshold: float = 1.0, tau: float = LIF_TAU, surrogate_alpha: float = 4.0):
         super().__init__(
             tau=float(tau),
             decay_input=True,
@@ -222,8 +227,6 @@ class MultiStepILIF(neuron.ILIFNode):
         return f"v_threshold={self.v_threshold}, spike_levels={self.spike_levels}, tau={self.tau:.4g}"
 
 
-#: tau of the binary neurons (MultiStepLIF's default).
-LIF_TAU = 2.0
 #: The neuron classes of this project (binary and integer).
 SPIKING_NEURONS = (MultiStepLIF, MultiStepILIF)
 
@@ -256,8 +259,7 @@ def ilif_inference_cpu(x_seq: torch.Tensor, tau: float, v_threshold: float, leve
     decay, v = 1 - 1 / float(tau), torch.zeros_like(x[0])
     for t in range(x.shape[0]):
         h = decay * v + x[t]
-        count = h.div(v_threshold).clamp_(0, levels).round_()
-        out[t] = count
+        out[t] = count = _ilif_count(h, v_threshold, levels, h.dtype)
         v = h - count * v_threshold
     return out
 
@@ -315,6 +317,15 @@ def _divides_exactly(tau: float, v_threshold: float) -> bool:
 def _fire(charge: torch.Tensor, v_threshold: float, dtype: torch.dtype) -> torch.Tensor:
     """``S = H >= V_th`` as a ``dtype`` tensor, written directly (no bool result to convert afterwards)."""
     return torch.ge(charge, v_threshold, out=torch.empty(charge.shape, dtype=dtype, device=charge.device))
+
+
+def is_spike_count(x: torch.Tensor, levels: int | None = None) -> bool:
+    """True when every element of ``x`` is a non-negative integer (at most ``levels`` if given): the output of
+    a neuron, binary or I-LIF."""
+    ok = (x >= 0) & (x == x.round())
+    if levels is not None:
+        ok &= x <= levels
+    return x.is_floating_point() and x.numel() > 0 and bool(ok.all())
 
 
 def binary_slots(counts: torch.Tensor, levels: int) -> torch.Tensor:

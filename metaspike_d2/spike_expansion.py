@@ -34,20 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import SpikeDrivenSelfAttention
-from .neurons import MultiStepILIF, binary_slots
+from .neurons import MultiStepILIF, binary_slots, is_spike_count
 from .reparam import reparameterize
 
-__all__ = ["expand_spikes", "BinarySlotLayer", "spike_levels_of", "is_spike_count"]
+__all__ = ["expand_spikes", "BinarySlotLayer", "spike_levels_of"]
 
 
 def spike_levels_of(model: nn.Module) -> int:
     """D of a model: the largest ``spike_levels`` of its neurons (1 when all are binary)."""
     return max([m.spike_levels for m in model.modules() if isinstance(m, MultiStepILIF)], default=1)
-
-
-def is_spike_count(x: torch.Tensor, levels: int) -> bool:
-    """True when every element of ``x`` is an integer in ``0..levels`` (a neuron's output)."""
-    return x.is_floating_point() and bool(((x >= 0) & (x <= levels) & (x == x.round())).all())
 
 
 class BinarySlotLayer(nn.Module):

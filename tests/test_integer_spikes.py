@@ -14,7 +14,7 @@ from metaspike_d2 import VARIANTS, MultiStepILIF, MultiStepLIF, expand_spikes, r
 from metaspike_d2.checkpoint import convert_original_state_dict
 from metaspike_d2.classifier import MetaSpikeFormerClassifier
 from metaspike_d2.energy.counter import SpikeCounter
-from metaspike_d2.neurons import ILIFSurrogateCPU, binary_slots, spiking_neuron
+from metaspike_d2.neurons import binary_slots, is_spike_count, spiking_neuron
 from metaspike_d2.spike_expansion import BinarySlotLayer, spike_levels_of
 
 from .test_reparam import TOL, activate
@@ -55,17 +55,25 @@ def test_soft_reset_and_decay_by_hand():
     assert MultiStepILIF(1.0, 4)(x).flatten().tolist() == [3.0, 0.0, 4.0]
 
 
-def test_cpu_kernel_is_what_runs_and_spikingjelly_path_agrees():
+def test_cpu_kernel_is_what_runs_and_spikingjelly_path_agrees(monkeypatch):
+    import metaspike_d2.neurons as neurons
+
     x = torch.randn(2, 4, 6) * 2
     ilif = MultiStepILIF(1.0, 4)
-    fast = ilif(x)
-    MultiStepILIF.cpu_kernel = False
+    calls = []
+    real_inference = neurons.ilif_inference_cpu
+    monkeypatch.setattr(neurons, "ilif_inference_cpu", lambda *a: calls.append("inference") or real_inference(*a))
+    with torch.no_grad():
+        fast = ilif(x)
+    trained = ilif(x.clone().requires_grad_())
+    assert calls == ["inference"] and type(trained.grad_fn).__name__ == "ILIFSurrogateCPUBackward"
+    MultiStepILIF.cpu_kernel = False  # spikingjelly's CPU op
     try:
-        slow = ilif(x)
+        slow = ilif(x.clone().requires_grad_())
     finally:
         MultiStepILIF.cpu_kernel = True
-    assert torch.equal(fast, slow)
-    assert ILIFSurrogateCPU.apply(x.requires_grad_(), ilif.tau, 1.0, 4).grad_fn is not None
+    assert calls == ["inference"] and "ILIFSurrogateCPU" not in type(slow.grad_fn).__name__
+    assert torch.equal(fast, slow) and torch.equal(trained, slow)
 
 
 def test_neuron_choice():
@@ -123,6 +131,8 @@ def test_binary_slots():
     for bad in (5.0, -1.0, 1.5):
         with pytest.raises(ValueError, match="integer spike counts in 0..4"):
             binary_slots(torch.tensor([bad]), 4)
+        assert not is_spike_count(torch.tensor([0.0, bad]), 4)
+    assert is_spike_count(counts, 4) and is_spike_count(torch.tensor([7.0])) and not is_spike_count(torch.tensor([7.0]), 4)
 
 
 def _inner_inputs(model):
@@ -193,7 +203,7 @@ def test_expansion_of_a_binary_model_is_the_spike_mode():
     assert {m.levels for m in expanded.modules() if isinstance(m, BinarySlotLayer)} == {1}
 
 
-def _d2_model(path, t, opts=()):
+def _d2_model(path, t):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -202,8 +212,7 @@ def _d2_model(path, t, opts=()):
     cfg = get_cfg()
     md2.add_metaspike_config(cfg)
     cfg.merge_from_file(path)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.METASPIKE.T", t, *opts])
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.METASPIKE.T", t])
     torch.manual_seed(0)
     return activate(build_model(cfg)).eval(), cfg
 

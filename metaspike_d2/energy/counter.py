@@ -52,7 +52,7 @@ from torch import nn
 
 from ..backbone import FEATURE_NAMES
 from ..blocks import RepConv, SepConv, SpikeDrivenSelfAttention
-from ..neurons import MultiStepILIF
+from ..neurons import MultiStepILIF, is_spike_count
 
 __all__ = ["LayerCount", "NeuronCount", "SpikeCounter", "stage_of", "WEIGHT_LAYERS", "exact_synops"]
 
@@ -247,7 +247,7 @@ class SpikeCounter:
             self._active = False
             self._neuron_monitor.disable()
 
-    def _split_steps(self, module: nn.Module, x: torch.Tensor, binary: bool) -> Tuple[int, torch.Tensor]:
+    def _split_steps(self, module: nn.Module, x: torch.Tensor, spiking: bool) -> Tuple[int, torch.Tensor]:
         """``(steps, x viewed as (steps, -1))``. Inputs inside the spiking network are ``(T*B, ...)``
         (time-major) or, for linear layers, ``(T, B, ..., C)``; the encoding conv gets ``(B, ...)``.
         Other leading sizes (e.g. ``T * num_rois`` in detection heads): spikes come from a neuron, hence
@@ -259,7 +259,7 @@ class SpikeCounter:
             return t, x.reshape(t, -1)
         if b is not None and lead == b:
             return 1, x.reshape(1, -1)
-        if binary and lead % t == 0:
+        if spiking and lead % t == 0:
             return t, x.reshape(t, -1)
         return 1, x.reshape(1, -1)
 
@@ -273,12 +273,12 @@ class SpikeCounter:
                 acc.first_call = self._calls
             self._calls += 1
             dense = _dense_ops(module, x, output)
-            binary = _is_spike_input(x)
-            steps, per_step = self._split_steps(module, x, binary)
+            spiking = is_binary_tensor(x) or is_spike_count(x)  # binary spikes or I-LIF counts: accumulate-only
+            steps, per_step = self._split_steps(module, x, spiking)
             acc.calls += 1
             acc.dense += dense
             acc.steps = steps
-            if binary:
+            if spiking:
                 nnz = per_step.sum(dim=1, dtype=torch.float64)  # spikes: non-zeros, or the sum of counts
                 numel = float(per_step.shape[1])
                 acc.weighted += float(nnz.sum()) / (numel * steps) * dense
@@ -395,12 +395,6 @@ def _spikes_per_step(spikes: torch.Tensor) -> Tuple[torch.Tensor, int]:
     s = spikes.detach()
     return s.reshape(s.shape[0], -1).sum(dim=1, dtype=torch.float64).cpu(), int(s[0].numel())
 
-
-def _is_spike_input(x: torch.Tensor) -> bool:
-    """Binary spikes, or I-LIF counts (non-negative integers): an accumulate-only input."""
-    if is_binary_tensor(x):
-        return True
-    return x.is_floating_point() and x.numel() > 0 and bool(((x >= 0) & (x == x.round())).all())
 
 
 def _sum_records(records: Iterable[Tuple[torch.Tensor, int]]) -> Tuple[List[float], List[float]]:
