@@ -1,6 +1,6 @@
 """Datasets, transforms and samplers for classification, all on timm's data utilities.
 
-* ``build_transform``: timm ``create_transform`` with the original recipe (upstream-spec 4.2): training
+* ``build_transform``: timm ``create_transform`` with the original recipe (main_finetune.py): training
   RandomResizedCrop + flip + RandAugment ``rand-m9-mstd0.5-inc1`` + random erasing 0.25 (pixel mode),
   bicubic, no color jitter; eval resize ``input/crop_pct`` (256 for 224) -> center crop, ImageNet mean/std.
 * ``build_dataset``: timm ``ImageDataset`` over an ImageFolder tree ``<root>/{train,val}/<class>/<image>``;

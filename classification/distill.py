@@ -1,4 +1,4 @@
-"""DeiT-style knowledge distillation (upstream-spec 4.5): the loss and the teacher.
+"""DeiT-style knowledge distillation (the original's T=1 -> T=4 fine-tune): the loss and the teacher.
 
 timm has no distillation loss, so :class:`DistillationLoss` is written here (DeiT's, 30 lines). The teacher
 is built with timm *without* downloading anything and loaded from a local file through the project's one

@@ -17,7 +17,7 @@ __all__ = ["RECIPES", "SMALL_DATASET_IMAGES", "SMALL_INPUT_SIZE", "choose_recipe
 
 #: Flag values of each recipe (flag dests of classification/train.py); flags not listed keep their defaults.
 RECIPES: Dict[str, Dict[str, object]] = {
-    "imagenet": {  # the original's main_finetune.py (upstream-spec 4.2)
+    "imagenet": {  # the original's main_finetune.py
         "opt": "lambc", "blr": 6e-4, "weight_decay": 0.05, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25,
         "scale": [0.08, 1.0], "smoothing": 0.1,
     },

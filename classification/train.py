@@ -9,7 +9,7 @@ Multi-GPU / multi-node (DDP; every process reads RANK / WORLD_SIZE / LOCAL_RANK 
 
     torchrun --nproc_per_node 8 classification/train.py --config classification/configs/55m_t1.yaml --data-path /data/imagenet
 
-Defaults are the original's (upstream-spec 4.2): input 224, LAMB (trust clip), lr = blr x eff_batch / 256 with
+Defaults are the original's (main_finetune.py, train.sh): input 224, LAMB (trust clip), lr = blr x eff_batch / 256 with
 blr 6e-4, weight decay 0.05 (none on 1-D parameters), 10 warm-up epochs then per-iteration cosine to 1e-6,
 RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, label smoothing 0.1, mixup / cutmix off, AMP on.
 """

@@ -165,7 +165,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# The original BICLab layout (upstream-spec 4.7) -> ours.
+# The original BICLab layout -> ours.
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 #: original module path -> our module path, for the fixed stage layout.

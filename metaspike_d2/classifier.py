@@ -31,7 +31,7 @@ class MetaSpikeFormerClassifier(MetaSpikeFormer):
     head, fed by the same spikes) exists: training returns ``(logits, kd_logits)``, eval their mean.
 
     ``head_input="membrane"`` feeds the main head the pooled membrane instead of the spikes, as the
-    original code did before its commit d95ad13 (upstream-spec 4.6); ``"spikes"`` is the released form.
+    original code did before its commit d95ad13; ``"spikes"`` is the released form.
     """
 
     def __init__(

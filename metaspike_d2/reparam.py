@@ -13,7 +13,7 @@ Detectron2 detection/segmentation models), and leaves every other module untouch
     the border, which is what BN-and-pad writes there; the two BNs after the second 1x1 conv are both
     affine and fold into it. Cost per pixel ``2C^2 + 9C`` as in training, minus every BN.
 
-``mode="spike"`` (the form the paper's energy accounting assumes, ``ecosystem.md`` 3.2):
+``mode="spike"`` (the form the paper's energy accounting assumes, docs/energy.md):
     each RepConv chain (+ outer BN) becomes one dense 3x3 conv (pad 1, bias) on the spike map, and each
     SepConv tail ``depthwise 7x7 -> 1x1 conv -> BN`` one dense 7x7 conv on the spike map, so that every
     conv and linear layer except the encoding conv is driven by binary spikes. Dearer on dense hardware

@@ -6,7 +6,7 @@ Registered in ``BACKBONE_REGISTRY``:
 * ``build_metaspike_fpn_backbone``: bottom-up + FPN with P6 = max-pooled P5 (Mask R-CNN, Cascade).
 * ``build_metaspike_retinanet_fpn_backbone``: bottom-up + FPN with P6/P7 convs on the last input (RetinaNet).
 
-``MODEL.METASPIKE.SPIKING_HEADS`` picks the neck: ``True`` builds :class:`SpikeFPN` (spec §2.2; every
+``MODEL.METASPIKE.SPIKING_HEADS`` picks the neck: ``True`` builds :class:`SpikeFPN` (every
 feature stays ``(T, B, C, H, W)``), ``False`` averages the backbone features over T and builds
 Detectron2's stock :class:`FPN` on ``(B, C, H, W)``.
 """

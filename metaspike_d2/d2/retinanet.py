@@ -1,4 +1,4 @@
-"""RetinaNet with a spiking head (spec §2.6; the original's ``SpikeRetinaHead`` with its bugs fixed).
+"""RetinaNet with a spiking head (the original's ``SpikeRetinaHead`` with its bugs fixed).
 
 ``META_ARCH_REGISTRY``: ``MetaSpikeRetinaNet`` = Detectron2's ``RetinaNet`` whose head is
 :class:`SpikeRetinaNetHead` when ``MODEL.METASPIKE.SPIKING_HEADS`` is true (else the stock head).

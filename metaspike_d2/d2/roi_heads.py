@@ -1,4 +1,4 @@
-"""Spiking RoI heads (spec §2.4): RoIAlign with T folded into the batch, spiking box and mask heads.
+"""Spiking RoI heads: RoIAlign with T folded into the batch, spiking box and mask heads.
 
 Registered names:
 
