@@ -7,9 +7,9 @@
 writes, under ``--output-dir`` (default ``docs/images``):
 
 * ``quickstart_prediction.png``: the first ``--num-images`` validation images of the built-in shapes (top row)
-  and what ``tools/demo.py`` draws for them (bottom row, Detectron2's Visualizer). The 64 px images are enlarged ``--scale`` times
-  (nearest neighbour) before they are handed to the demo, so that its labels are legible; the model resizes
-  them back to its 64 px test size, so it sees the original image.
+  and what ``tools/demo.py`` draws for them (bottom row, Detectron2's Visualizer). The 64 px images are
+  enlarged ``--scale`` times (nearest neighbour) before they are handed to the demo, so that its labels are
+  legible; the model resizes them back to its 64 px test size, so it sees the original image.
 * ``firing_rates.png``: the input firing rate of every spike-driven layer, as ``tools/analyze_energy.py``
   plots it, over ``--energy-images`` validation images; the energy per image is printed.
 
