@@ -1,7 +1,8 @@
 """RetinaNet with a spiking head (the original's ``SpikeRetinaHead`` with its bugs fixed).
 
 ``META_ARCH_REGISTRY``: ``MetaSpikeRetinaNet`` = Detectron2's ``RetinaNet`` whose head is
-:class:`SpikeRetinaNetHead` when ``MODEL.METASPIKE.SPIKING_HEADS`` is true (else the stock head).
+:class:`SpikeRetinaNetHead` when ``MODEL.METASPIKE.SPIKING_HEADS`` is true (else the stock head), and whose
+per-level candidate selection breaks score ties by index (:func:`~metaspike_d2.d2.rpn.stable_topk`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
+from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from ..neurons import mean_over_time, seq_apply
 from .backbone import build_lif
+from .rpn import stable_topk
 
 __all__ = ["SpikeRetinaNetHead", "MetaSpikeRetinaNet"]
 
@@ -88,3 +91,17 @@ class MetaSpikeRetinaNet(RetinaNet):
             shapes = ret["backbone"].output_shape()
             ret["head"] = SpikeRetinaNetHead(cfg, [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
         return ret
+
+    def _decode_per_level_predictions(self, anchors: Boxes, pred_scores: torch.Tensor, pred_deltas: torch.Tensor,
+                                      score_thresh: float, topk_candidates: int, image_size) -> Instances:
+        """Detectron2's, with :func:`stable_topk` for the top-k candidates (spiking heads produce exact score
+        ties, whose order ``topk`` leaves open): ``(H*W*A, K)`` scores -> boxes, scores and classes."""
+        keep = pred_scores > score_thresh
+        pred_scores = pred_scores[keep]
+        candidates = torch.nonzero(keep)  # (K, 2): anchor, class
+        count = candidates.shape[0]
+        k = torch.clamp(count, max=topk_candidates) if isinstance(count, torch.Tensor) else min(count, topk_candidates)
+        pred_scores, idxs = stable_topk(pred_scores, k)
+        anchor_idxs, class_idxs = candidates[idxs].unbind(dim=1)
+        boxes = self.box2box_transform.apply_deltas(pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs])
+        return Instances(image_size, pred_boxes=Boxes(boxes), scores=pred_scores, pred_classes=class_idxs)

@@ -1,21 +1,26 @@
-"""Spiking RPN head (the original's ``SpikeRPNHead``, spec §2.3) and the head switch.
+"""Spiking RPN head (the original's ``SpikeRPNHead``, spec §2.3), the head switch, and an RPN whose
+proposal selection breaks score ties by anchor index.
 
 Registered in ``RPN_HEAD_REGISTRY``: ``SpikeRPNHead`` and ``build_metaspike_rpn_head`` (spiking or
-Detectron2's ``StandardRPNHead``, chosen by ``MODEL.METASPIKE.SPIKING_HEADS``).
+Detectron2's ``StandardRPNHead``, chosen by ``MODEL.METASPIKE.SPIKING_HEADS``); in
+``PROPOSAL_GENERATOR_REGISTRY``: ``MetaSpikeRPN``.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
+from detectron2.layers import batched_nms
+from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
+from detectron2.modeling.proposal_generator.rpn import RPN, RPN_HEAD_REGISTRY, StandardRPNHead
+from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from ..neurons import mean_over_time, seq_apply
 from .backbone import build_lif
 
-__all__ = ["SpikeRPNHead", "build_metaspike_rpn_head"]
+__all__ = ["SpikeRPNHead", "build_metaspike_rpn_head", "MetaSpikeRPN", "find_top_proposals", "stable_topk"]
 
 
 @RPN_HEAD_REGISTRY.register()
@@ -70,3 +75,65 @@ class SpikeRPNHead(nn.Module):
 def build_metaspike_rpn_head(cfg, input_shape):
     """:class:`SpikeRPNHead` if ``MODEL.METASPIKE.SPIKING_HEADS`` else Detectron2's ``StandardRPNHead``."""
     return (SpikeRPNHead if cfg.MODEL.METASPIKE.SPIKING_HEADS else StandardRPNHead)(cfg, input_shape)
+
+
+def stable_topk(x: torch.Tensor, k, dim: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim)`` with ties in index order (the lower index first), as ONNX's ``TopK`` defines them.
+
+    ``torch.topk`` leaves the order of equal values unspecified, and spiking heads produce exact ties: every
+    anchor whose input spike pattern is the same (all zero, say) gets the same logit. A stable descending sort
+    makes PyTorch keep the proposals an exported graph keeps: while tracing this is ``topk``, which exports to
+    ONNX ``TopK`` (ties by index by definition).
+    """
+    if torch.jit.is_tracing():
+        return x.topk(k, dim=dim)
+    values, indices = x.sort(dim=dim, descending=True, stable=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+
+
+def find_top_proposals(proposals: List[torch.Tensor], logits: List[torch.Tensor], image_sizes, nms_thresh: float,
+                       pre_nms_topk: int, post_nms_topk: int, min_box_size: float, training: bool) -> List[Instances]:
+    """Detectron2's ``find_top_rpn_proposals`` with :func:`stable_topk` for the per-level selection.
+
+    ``proposals``: per level ``(N, Hi*Wi*A, 4)``; ``logits``: per level ``(N, Hi*Wi*A)``. Returns per image the
+    ``post_nms_topk`` proposals left by a per-level NMS, by descending objectness (ties: level, then anchor).
+    """
+    scores, boxes, levels = [], [], []
+    for level, (proposals_i, logits_i) in enumerate(zip(proposals, logits)):
+        count = logits_i.shape[1]
+        k = torch.clamp(count, max=pre_nms_topk) if isinstance(count, torch.Tensor) else min(count, pre_nms_topk)
+        top_scores, top_idx = stable_topk(logits_i, k, dim=1)
+        scores.append(top_scores)
+        boxes.append(torch.gather(proposals_i, 1, top_idx.unsqueeze(-1).expand(-1, -1, proposals_i.shape[-1])))
+        levels.append(torch.full_like(top_idx[0], level))
+    scores, boxes, levels = torch.cat(scores, 1), torch.cat(boxes, 1), torch.cat(levels, 0)
+    results = []
+    for n, image_size in enumerate(image_sizes):
+        image_boxes, image_scores, image_levels = Boxes(boxes[n]), scores[n], levels
+        valid = torch.isfinite(image_boxes.tensor).all(dim=1) & torch.isfinite(image_scores)
+        if not bool(valid.all()) or torch.jit.is_tracing():
+            if training:
+                raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
+            image_boxes, image_scores, image_levels = image_boxes[valid], image_scores[valid], image_levels[valid]
+        image_boxes.clip(image_size)
+        keep = image_boxes.nonempty(threshold=min_box_size)
+        image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], image_levels[keep]
+        keep = batched_nms(image_boxes.tensor, image_scores, image_levels, nms_thresh)[:post_nms_topk]
+        result = Instances(image_size)
+        result.proposal_boxes = image_boxes[keep]
+        result.objectness_logits = image_scores[keep]
+        results.append(result)
+    return results
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class MetaSpikeRPN(RPN):
+    """Detectron2's ``RPN`` selecting proposals with :func:`find_top_proposals` (score ties broken by index,
+    so that the PyTorch model and its exported graph keep the same proposals). Same parameters and losses."""
+
+    def predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes):
+        with torch.no_grad():
+            pred_proposals = self._decode_proposals(anchors, pred_anchor_deltas)
+            return find_top_proposals(pred_proposals, pred_objectness_logits, image_sizes, self.nms_thresh,
+                                      self.pre_nms_topk[self.training], self.post_nms_topk[self.training],
+                                      self.min_box_size, self.training)
