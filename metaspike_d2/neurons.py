@@ -17,7 +17,7 @@ from spikingjelly.activation_based import neuron, surrogate
 from spikingjelly.activation_based.layer import SpikeCountToBinary
 
 __all__ = ["MultiStepLIF", "MultiStepILIF", "SPIKING_NEURONS", "spiking_neuron", "LIFSurrogateCPU", "lif_inference_cpu",
-           "ILIFSurrogateCPU", "ilif_inference_cpu", "is_spike_count", "binary_slots", "seq_apply", "repeat_over_time",
+           "ILIFSurrogateCPU", "ilif_inference_cpu", "lif_graph", "ilif_graph", "is_spike_count", "binary_slots", "seq_apply", "repeat_over_time",
            "mean_over_time"]
 
 
@@ -61,6 +61,8 @@ class MultiStepLIF(neuron.LIFNode):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if x_seq.dim() < 2:
             raise ValueError(f"MultiStepLIF expects a (T, B, ...) tensor, got shape {tuple(x_seq.shape)}")
+        if _exporting():
+            return lif_graph(x_seq, self.tau, self.v_threshold)
         if self.cpu_kernel and x_seq.device.type == "cpu":
             if torch.is_grad_enabled() and x_seq.requires_grad:
                 return LIFSurrogateCPU.apply(x_seq, self.tau, self.v_threshold, self.surrogate_function.alpha)
@@ -210,6 +212,8 @@ class MultiStepILIF(neuron.ILIFNode):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if x_seq.dim() < 2:
             raise ValueError(f"MultiStepILIF expects a (T, B, ...) tensor, got shape {tuple(x_seq.shape)}")
+        if _exporting():
+            return ilif_graph(x_seq, self.tau, self.v_threshold, self.spike_levels)
         if self.cpu_kernel and x_seq.device.type == "cpu":
             if torch.is_grad_enabled() and x_seq.requires_grad:
                 return ILIFSurrogateCPU.apply(x_seq, self.tau, self.v_threshold, self.spike_levels)
@@ -305,6 +309,45 @@ class ILIFSurrogateCPU(torch.autograd.Function):
                 gh.add_(carry)
             carry = gh * decay
         return grad.to(grad_counts.dtype), None, None, None
+
+
+def _exporting() -> bool:
+    """True while ``torch.jit.trace`` / ``torch.onnx.export`` records the model: the neurons then emit plain
+    tensor operations (no autograd Function, no ``out=`` buffers), which every graph runtime can run."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def lif_graph(x_seq: torch.Tensor, tau: float, v_threshold: float) -> torch.Tensor:
+    """:func:`lif_inference_cpu` in plain, traceable tensor operations (the exported form of the LIF).
+
+    The same float operations in the same order, so an exported graph fires exactly where PyTorch does: at
+    T=1 one comparison (``X >= tau * V_th`` for tau a power of two), for T > 1 the time loop unrolled.
+    """
+    tau, v_threshold = float(tau), float(v_threshold)
+    if x_seq.shape[0] == 1 and _divides_exactly(tau, v_threshold):
+        return (x_seq >= tau * v_threshold).to(x_seq.dtype)
+    x = x_seq.float() if x_seq.dtype in (torch.float16, torch.bfloat16) else x_seq
+    spikes, v = [], None
+    for t in range(x.shape[0]):
+        h = x[t] / tau if v is None else (x[t] - v) / tau + v
+        fired = h >= v_threshold
+        spikes.append(fired.to(x_seq.dtype))
+        v = torch.where(fired, torch.zeros_like(h), h)
+    return torch.stack(spikes)
+
+
+def ilif_graph(x_seq: torch.Tensor, tau: float, v_threshold: float, levels: int) -> torch.Tensor:
+    """:func:`ilif_inference_cpu` in plain, traceable tensor operations (the exported form of the I-LIF):
+    ``round(clip(H / V_th, 0, D))`` per step with a soft reset, the loop over T unrolled."""
+    x = x_seq.float() if x_seq.dtype in (torch.float16, torch.bfloat16) else x_seq
+    decay, v_threshold = 1 - 1 / float(tau), float(v_threshold)
+    counts, v = [], None
+    for t in range(x.shape[0]):
+        h = x[t] if v is None else decay * v + x[t]
+        count = torch.round(torch.clamp(h / v_threshold, 0, levels))
+        counts.append(count.to(x_seq.dtype))
+        v = h - count * v_threshold
+    return torch.stack(counts)
 
 
 def _divides_exactly(tau: float, v_threshold: float) -> bool:

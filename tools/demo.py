@@ -5,6 +5,9 @@
         --input datasets/metaspike_shapes_v1/val/000000.png --output out/ \
         --opts MODEL.WEIGHTS output/quickstart_mask_rcnn_metaspike_tiny_shapes/model_final.pth
 
+An exported graph (``tools/export_model.py``) runs the same way with ``--backend onnxruntime`` (or ``openvino``)
+and ``--opts MODEL.WEIGHTS model.onnx``.
+
 A model trained on one's own data: register its test set as for training (``--register-voc`` etc., before
 ``--opts``), so that the class count and the class names drawn come from it (DATASETS.TEST defaults to the
 last registered dataset).
@@ -27,6 +30,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from metaspike_d2.d2 import add_metaspike_config  # noqa: E402
 from metaspike_d2.data import own_data  # noqa: E402
 from metaspike_d2.data.image_io import read_image  # noqa: E402  (grayscale/RGBA/palette/16-bit -> BGR)
+from metaspike_d2.d2.export import INFERENCE_BACKENDS  # noqa: E402
 from metaspike_d2.d2.predictor import VisualizationDemo  # noqa: E402
 
 WINDOW_NAME = "metaspike-d2"
@@ -59,6 +63,9 @@ def get_parser():
     parser.add_argument("--output", help="file or directory for the visualizations (video: a file); "
                                          "without it, results are shown in an OpenCV window")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score to show")
+    parser.add_argument("--backend", choices=INFERENCE_BACKENDS, default="pytorch",
+                        help="pytorch (MODEL.WEIGHTS a checkpoint) or the runtime of an exported graph "
+                             "(MODEL.WEIGHTS a .onnx file from tools/export_model.py)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return own_data.add_dataset_arguments(parser)
 
@@ -75,7 +82,7 @@ def main(argv=None) -> None:
     logger = setup_logger(name="metaspike_demo")
     cfg = setup_cfg(args)
     own_data.log_summary(cfg, args.opts, logger)
-    demo = VisualizationDemo(cfg)
+    demo = VisualizationDemo(cfg, backend=args.backend)
 
     if args.input:
         paths = glob.glob(os.path.expanduser(args.input[0])) if len(args.input) == 1 else args.input

@@ -3,6 +3,7 @@
 
     python tools/train_net.py --config-file configs/quickstart/mask_rcnn_metaspike_tiny_shapes.yaml
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file CFG --eval-only --backend onnxruntime MODEL.WEIGHTS model.onnx
     python tools/train_net.py --config-file CFG --resume            # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file CFG --num-gpus 8        # multi-GPU through detectron2's launch
 
@@ -48,6 +49,7 @@ from metaspike_d2.d2.engine import (  # noqa: E402
     resolve_num_processes,
 )
 from metaspike_d2.d2.ema import build_model_ema_hook  # noqa: E402
+from metaspike_d2.d2.export import INFERENCE_BACKENDS, build_inference_model  # noqa: E402
 from metaspike_d2.d2.energy_hook import register_firing_rate_hook  # noqa: E402
 from metaspike_d2.d2.sem_seg import build_sem_seg_evaluator  # noqa: E402
 from metaspike_d2.data import build_detection_augmentation, own_data  # noqa: E402
@@ -176,9 +178,12 @@ def main(args):
     own_data.register_from_args(args)  # every process: workers spawned by launch start with empty catalogs
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        MetaSpikeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        model = maybe_reparameterize(cfg, model)  # MODEL.METASPIKE.REPARAM_INFERENCE ("" = off)
+        if args.backend == "pytorch":
+            model = Trainer.build_model(cfg)
+            MetaSpikeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            model = maybe_reparameterize(cfg, model)  # MODEL.METASPIKE.REPARAM_INFERENCE ("" = off)
+        else:  # an exported graph (tools/export_model.py) on ONNX Runtime / OpenVINO
+            model = build_inference_model(cfg, args.backend)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -195,6 +200,9 @@ def argument_parser():
     machines must give it)."""
     parser = default_argument_parser()
     parser.set_defaults(num_gpus=None, dist_url="auto")
+    parser.add_argument("--backend", choices=INFERENCE_BACKENDS, default="pytorch",
+                        help="with --eval-only: pytorch (MODEL.WEIGHTS a checkpoint) or the runtime of an exported "
+                             "graph (MODEL.WEIGHTS a .onnx file from tools/export_model.py)")
     return own_data.add_dataset_arguments(parser)  # --register-coco / --register-voc / --register-sem-seg
 
 
@@ -208,5 +216,7 @@ def launch_from_args(args):
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
+    if args.backend != "pytorch" and not args.eval_only:
+        raise SystemExit(f"--backend {args.backend} runs an exported graph for evaluation only: add --eval-only")
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch_from_args(args)

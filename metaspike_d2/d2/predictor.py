@@ -1,6 +1,7 @@
 """Single-image prediction and visualization (Detectron2's ``demo/predictor.py`` pattern).
 
-:class:`MetaSpikePredictor` is ``DefaultPredictor`` loading weights through :class:`MetaSpikeCheckpointer`;
+:class:`MetaSpikePredictor` is ``DefaultPredictor`` loading weights through :class:`MetaSpikeCheckpointer`, or
+running an exported graph (``backend="onnxruntime"`` / ``"openvino"``, :mod:`metaspike_d2.d2.export`);
 :class:`VisualizationDemo` draws instance, semantic or panoptic outputs with Detectron2's ``Visualizer``.
 """
 from __future__ import annotations
@@ -12,25 +13,21 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.modeling import build_model
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-from .checkpoint import MetaSpikeCheckpointer
-from .config import maybe_reparameterize
+from .export import build_inference_model
 
 __all__ = ["MetaSpikePredictor", "VisualizationDemo"]
 
 
 class MetaSpikePredictor:
-    """``predictor(image (H, W, 3) uint8 BGR) -> model outputs`` for one image (eval mode, test resize)."""
+    """``predictor(image (H, W, 3) uint8 BGR) -> model outputs`` for one image (eval mode, test resize).
+    ``backend``: ``"pytorch"`` (``MODEL.WEIGHTS`` a checkpoint) or an exported graph's runtime."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, backend: str = "pytorch"):
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg)
-        self.model.eval()
-        MetaSpikeCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        self.model = maybe_reparameterize(self.cfg, self.model)  # MODEL.METASPIKE.REPARAM_INFERENCE
+        self.model = build_inference_model(self.cfg, backend)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
@@ -47,11 +44,11 @@ class MetaSpikePredictor:
 class VisualizationDemo:
     """Run a predictor and draw its outputs: ``instances``, ``sem_seg`` or ``panoptic_seg``."""
 
-    def __init__(self, cfg, instance_mode: ColorMode = ColorMode.IMAGE):
+    def __init__(self, cfg, instance_mode: ColorMode = ColorMode.IMAGE, backend: str = "pytorch"):
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
-        self.predictor = MetaSpikePredictor(cfg)
+        self.predictor = MetaSpikePredictor(cfg, backend)
 
     def _draw(self, visualizer, predictions: dict) -> VisImage:
         if "panoptic_seg" in predictions:
