@@ -30,5 +30,9 @@ setup(
         "tqdm",
     ],
     # detectron2 is not on PyPI; tools/install.sh installs it (docs/install.md explains the route).
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        # ONNX export and the graph runtimes (tools/export_model.py, --backend onnxruntime|openvino)
+        "deploy": ["onnx==1.23.2", "onnxruntime==1.32.0", "openvino==2026.4.1"],
+    },
 )

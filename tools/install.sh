@@ -59,13 +59,16 @@ pip_install "spikingjelly==2.0.0" "timm>=1.0.11" opencv-python-headless
 # scikit-learn: its bundled load_digits is the real small classification set of benchmarks/real_data.py
 pip_install scikit-learn
 
-# 5. This project, editable, with its test extras.
-pip_install --no-build-isolation -e "$ROOT[test]"
+# 5. This project, editable, with its test extras and the deploy extras (ONNX export, ONNX Runtime, OpenVINO;
+#    pinned in setup.py).
+pip_install --no-build-isolation -e "$ROOT[test,deploy]"
 
 "$PY" - <<'PYEOF'
 import torch, torchvision, spikingjelly, timm, detectron2, cv2, pycocotools, fvcore
+import onnx, onnxruntime, openvino
 import metaspike_d2
 print("[install] ok: torch", torch.__version__, "| torchvision", torchvision.__version__,
       "| timm", timm.__version__, "| detectron2", detectron2.__version__, "| opencv", cv2.__version__,
+      "| onnxruntime", onnxruntime.__version__, "| openvino", openvino.__version__,
       "| metaspike_d2", metaspike_d2.__version__)
 PYEOF

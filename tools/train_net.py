@@ -208,6 +208,8 @@ def argument_parser():
 
 def launch_from_args(args):
     """``launch(main, ...)`` with as many processes as :func:`resolve_num_processes` gives."""
+    if args.backend != "pytorch" and not args.eval_only:
+        raise SystemExit(f"--backend {args.backend} runs an exported graph for evaluation only: add --eval-only")
     num_procs = resolve_num_processes(load_config(args), args.num_gpus)
     args.num_gpus = num_procs
     launch(main, num_procs, num_machines=args.num_machines, machine_rank=args.machine_rank,
@@ -216,7 +218,5 @@ def launch_from_args(args):
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
-    if args.backend != "pytorch" and not args.eval_only:
-        raise SystemExit(f"--backend {args.backend} runs an exported graph for evaluation only: add --eval-only")
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch_from_args(args)
