@@ -4,6 +4,7 @@
                              [--threads 2] [--reps 3] [--size 224] [--det-size 512]
     python benchmarks/run.py --output benchmarks/results/cpu_processes.json --parts processes  # not a default part
     python benchmarks/run.py --output benchmarks/results/spike_levels.json --parts spike_levels --threads 1
+    python benchmarks/run.py --output benchmarks/results/deploy.json --parts deploy --threads 2
 
 Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
 
@@ -46,6 +47,19 @@ Parts (CPU, batch 1, eval mode and ``torch.inference_mode`` for inference):
                                 and forward only (inference): spikingjelly vs ``ilif_inference_cpu``;
               ``quickstart``    one training step of the detection quickstart (as ``quickstart``, the config as
                                 committed) at ``MODEL.METASPIKE.SPIKE_LEVELS`` 1 (the baseline) and 4.
+``deploy``    inference of the deployable forms, batch 1, ``--threads`` threads everywhere:
+              the 55M classifier at ``--size`` (T=1 and T=4) and the 15M Mask R-CNN (T=1) at ``--det-size``:
+              ``train/sj``     the training form with spikingjelly's CPU neurons: the original code's
+                               computation (the baseline of every ratio);
+              ``fast``         ``reparameterize(model, "fast")`` in PyTorch (eager);
+              ``onnxruntime``  the exported graph (``tools/export_model.py``) on ONNX Runtime;
+              ``openvino``     the same graph on OpenVINO (float32);
+              ``... bf16``     PyTorch autocast / OpenVINO in bfloat16, only where the CPU has bf16 units
+                               (a row says when it has not);
+              and Detectron2's R50-FPN Mask R-CNN in PyTorch. Each row also gives the multiply-adds
+              (fvcore's count of the fast model: convolutions, linear layers and matrix products) as
+              achieved GFLOP/s (2 x MACs / time) and as a share of this CPU's peak, measured in the same
+              run as a 2048 x 2048 float32 GEMM on the same threads.
 ``ema``       one ``MODEL_EMA`` update of the quickstart detector's weights: timm's ``ModelEmaV3`` (the
               baseline, two ``state_dict()`` walks per update) vs the hook's ``_ModelEma`` (tensor lists
               gathered once; metaspike_d2/d2/ema.py).
@@ -62,10 +76,12 @@ import gc
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import torch
@@ -375,6 +391,102 @@ def bench_ema(args, rows):
 
 
 # --------------------------------------------------------------------------------------------------
+def _gemm_peak_gflops(threads: int) -> float:
+    """This CPU's float32 matrix-multiply throughput on ``threads`` threads: the best of 5 2048^3 GEMMs."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _bf16_supported() -> bool:
+    return bool(getattr(torch.backends.mkldnn, "is_bf16_supported", lambda: False)())
+
+
+def _graph_fn(session, *arrays):
+    return lambda: session(*arrays)
+
+
+def bench_deploy(args, rows):
+    import numpy as np
+    import timm
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    from metaspike_d2.d2.export import ExportedModel, export_detectron2_model
+    from metaspike_d2.export import export_classifier
+    from metaspike_d2.runtime import GraphSession
+
+    peak = _gemm_peak_gflops(args.threads)
+    print(f"[deploy] float32 GEMM peak on {args.threads} threads: {peak:.1f} GFLOP/s", flush=True)
+    bf16 = _bf16_supported()
+    work = tempfile.mkdtemp(prefix="metaspike_deploy_")
+    x = torch.randn(1, 3, args.size, args.size)
+    for t in (1, 4):
+        torch.manual_seed(0)
+        model = timm.create_model("metaspikeformer_55m", T=t).eval()
+        fast = reparameterize(model, "fast")
+        path = export_classifier(model, os.path.join(work, f"55m_t{t}.onnx"), image_size=args.size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            macs = FlopCountAnalysis(fast, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+        cases = {
+            "train/sj": with_baseline_kernels(forward_fn(model, x)),
+            "fast": forward_fn(fast, x),
+            "onnxruntime": _graph_fn(GraphSession(path, "onnxruntime", args.threads), x.numpy()),
+            "openvino": _graph_fn(GraphSession(path, "openvino", args.threads), x.numpy()),
+        }
+        if bf16:
+            cases["fast bf16"] = _autocast_bf16(forward_fn(fast, x))
+        print(f"[deploy] 55M classifier T={t}: {list(cases)} ...", flush=True)
+        res = measure_interleaved(cases, reps=args.reps)
+        for name, r in res.items():
+            rows.append(_row("deploy", name, r, variant="55m classifier", T=t, input=f"{args.size}x{args.size}",
+                             macs=macs, peak_gflops=peak))
+        del model, fast, cases
+        gc.collect()
+    size = args.det_size
+    image = torch.rand(3, size, size) * 255
+    inputs = [{"image": image, "height": size, "width": size}]
+    detectors = _detectors()
+    cfg = detectors["metaspike-15m T=1"]
+    model = _build(cfg).eval()
+    fast = reparameterize(model, "fast")
+    path = export_detectron2_model(model, cfg, os.path.join(work, "mask_rcnn_15m_t1.onnx"))
+    r50 = _build(detectors["R50-FPN"]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        macs = {name: FlopCountAnalysis(m, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+                for name, m in (("15m", fast), ("r50", r50))}
+    cases = {
+        "train/sj": with_baseline_kernels(forward_fn(model, inputs)),
+        "fast": forward_fn(fast, inputs),
+        "onnxruntime": forward_fn(ExportedModel(cfg, path, "onnxruntime", args.threads), inputs),
+        "openvino": forward_fn(ExportedModel(cfg, path, "openvino", args.threads), inputs),
+        "R50-FPN": forward_fn(r50, inputs),
+    }
+    print(f"[deploy] 15M Mask R-CNN T=1 and R50-FPN at {size}: {list(cases)} ...", flush=True)
+    res = measure_interleaved(cases, reps=args.reps)
+    for name, r in res.items():
+        rows.append(_row("deploy", name, r, variant="15m mask r-cnn" if name != "R50-FPN" else "R50-FPN mask r-cnn",
+                         T=1, input=f"{size}x{size}", macs=macs["r50" if name == "R50-FPN" else "15m"], peak_gflops=peak))
+    if not bf16:
+        print("[deploy] bf16: not offered on this CPU (torch.backends.mkldnn.is_bf16_supported() is False)", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _autocast_bf16(fn):
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
 def ratios(rows):
     """Speed-ups of the same run: backbone vs train/sj, T=4 vs T=1, detectors vs R50-FPN."""
     out = []
@@ -388,6 +500,15 @@ def ratios(rows):
                         "speedup_vs_train_sj_cpu": base["median_cpu_s"] / r["median_cpu_s"],
                         "T4_over_T1_wall": (r["median_s"] / t1["median_s"]) if r["T"] == 4 else None,
                         "T4_over_T1_cpu": (r["median_cpu_s"] / t1["median_cpu_s"]) if r["T"] == 4 else None})
+        elif r["part"] == "deploy":
+            base = key[("deploy", r["variant"].replace("R50-FPN", "15m"), r["T"], "train/sj")]
+            r50 = key.get(("deploy", "R50-FPN mask r-cnn", 1, "R50-FPN")) if "mask" in r["variant"] else None
+            gflops = 2 * r["macs"] / r["median_s"] / 1e9
+            out.append({"part": "deploy", "variant": r["variant"], "T": r["T"], "case": r["case"],
+                        "speedup_vs_train_sj_wall": base["median_s"] / r["median_s"],
+                        "speedup_vs_train_sj_cpu": base["median_cpu_s"] / r["median_cpu_s"],
+                        "time_over_R50_wall": r["median_s"] / r50["median_s"] if r50 else None,
+                        "gflops": gflops, "share_of_peak": gflops / r["peak_gflops"]})
         elif r["part"] == "roi_align":
             base = next(b for b in rows if b["part"] == "roi_align" and b["setting"] == r["setting"]
                         and b["case"] == "torchvision")
@@ -428,7 +549,12 @@ def print_table(rows, rats, info):
     for r in rows:
         q = rat.get((r["part"], r.get("variant") or r.get("setting"), r.get("T"), r["case"]), {})
         name = f"{r.get('variant') or r.get('setting', '')} {r['case']}".strip()
-        if r["part"] == "backbone":
+        if r["part"] == "deploy":
+            note = (f"x{q['speedup_vs_train_sj_wall']:.2f} | x{q['speedup_vs_train_sj_cpu']:.2f} vs train/sj; "
+                    f"{r['macs'] / 1e9:.1f} GMAC, {q['gflops']:.0f} GFLOP/s = {100 * q['share_of_peak']:.0f}% of peak")
+            if q["time_over_R50_wall"] is not None:
+                note += f"; {q['time_over_R50_wall']:.2f} of R50-FPN time"
+        elif r["part"] == "backbone":
             note = f"x{q['speedup_vs_train_sj_wall']:.2f} | x{q['speedup_vs_train_sj_cpu']:.2f} vs train/sj"
             if r["T"] == 4:
                 note += f"; T4/T1 {q['T4_over_T1_wall']:.2f} | {q['T4_over_T1_cpu']:.2f}"
@@ -454,7 +580,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--parts", nargs="+", default=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema"],
                         choices=["backbone", "maskrcnn", "train", "quickstart", "roi_align", "ema",
-                                 "processes", "spike_levels"])
+                                 "processes", "spike_levels", "deploy"])
     parser.add_argument("--variants", nargs="+", default=["15m", "55m"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--det-size", type=int, default=512)
@@ -473,7 +599,7 @@ def main(argv=None) -> int:
     rows = []
     parts = {"backbone": bench_backbone, "maskrcnn": bench_maskrcnn, "train": bench_train,
              "quickstart": bench_quickstart, "roi_align": bench_roi_align, "ema": bench_ema,
-             "processes": bench_processes, "spike_levels": bench_spike_levels}
+             "processes": bench_processes, "spike_levels": bench_spike_levels, "deploy": bench_deploy}
     for part in args.parts:
         parts[part](args, rows)
         gc.collect()

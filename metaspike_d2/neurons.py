@@ -387,11 +387,13 @@ def seq_apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     """Apply a stateless module to a ``(T, B, ...)`` tensor with T folded into the batch.
 
     This is the one place where ``(T, B, C, H, W) -> (T*B, C, H, W) -> (T, B, C', H', W')`` happens;
-    batch norms therefore pool their statistics over T and B, as in the original.
+    batch norms therefore pool their statistics over T and B, as in the original. B is recovered as ``-1``:
+    in an exported graph a B of 0 (no detections for a mask head) would otherwise read as ONNX's "copy
+    this dimension".
     """
-    t, b = x.shape[:2]
+    t = x.shape[0]
     y = module(x.flatten(0, 1))
-    return y.reshape(t, b, *y.shape[1:])
+    return y.reshape(t, -1, *y.shape[1:])
 
 
 def repeat_over_time(x: torch.Tensor, time_steps: int) -> torch.Tensor:

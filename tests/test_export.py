@@ -167,6 +167,18 @@ def test_detector_graph_gives_pytorch_detections(tmp_path, config, opts, backend
             _assert_same_detections(ref, out)
 
 
+def test_detector_graph_with_no_detection(tmp_path):
+    """Zero boxes reach the mask head (every score under the threshold): the graph returns empty instances."""
+    model, cfg = _d2_model(QUICKSTART_DET, ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32"])
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 1.0
+    model = build_model(cfg).eval()  # fresh weights: scores near 1 / NUM_CLASSES
+    path = export_detectron2_model(model, cfg, tmp_path / "det.onnx")
+    inputs = [{"image": torch.rand(3, 160, 160) * 255, "height": 80, "width": 80}]
+    for backend in BACKENDS:
+        out = ExportedModel(cfg, path, backend)(inputs)[0]["instances"]
+        assert len(out) == 0 and out.pred_masks.shape == (0, 80, 80)
+
+
 def test_semantic_fpn_graph_equals_pytorch(tmp_path):
     model, cfg = _d2_model(QUICKSTART_SEM)
     path = export_detectron2_model(model, cfg, tmp_path / "sem.onnx")

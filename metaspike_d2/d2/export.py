@@ -58,8 +58,13 @@ def graph_task(model: nn.Module) -> str:
 
 def _inference(model: nn.Module, inputs: List[Dict[str, torch.Tensor]]):
     """One image through the model without post-processing, as a tuple in the graph's output order."""
-    if isinstance(model, GeneralizedRCNN):
-        instances = model.inference(inputs, do_postprocess=False)[0]
+    if isinstance(model, GeneralizedRCNN):  # GeneralizedRCNN.inference, with masks computed as _masks_of says
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, None)
+        instances = model.roi_heads._forward_box(features, proposals)[0]
+        if model.roi_heads.mask_on:
+            instances = _masks_of(model.roi_heads, features, instances)
     elif isinstance(model, RetinaNet):
         images = model.preprocess_image(inputs)
         features = model.backbone(images.tensor)
@@ -75,6 +80,16 @@ def _inference(model: nn.Module, inputs: List[Dict[str, torch.Tensor]]):
     if instances.has("pred_masks"):
         fields.append(instances.pred_masks)
     return tuple(fields)
+
+
+def _masks_of(heads: nn.Module, features, instances: Instances) -> Instances:
+    """The mask head on ``instances`` plus one dummy box, which is dropped again: the graph then never runs the
+    mask head on zero boxes, which ONNX's reshapes (GroupNorm's among them) cannot express. Every box's mask
+    is computed on its own (GroupNorm and the neurons are per box), so the dummy changes no other mask."""
+    dummy = Instances(instances.image_size, pred_boxes=Boxes(instances.pred_boxes.tensor.new_tensor([[0, 0, 1, 1]])),
+                      scores=instances.scores.new_zeros(1), pred_classes=instances.pred_classes.new_zeros(1))
+    padded = heads.forward_with_given_boxes(features, [Instances.cat([instances, dummy])])[0]
+    return padded[:-1]
 
 
 def export_detectron2_model(model: nn.Module, cfg, path: str | os.PathLike, *, reparam: str = "fast",
@@ -148,7 +163,7 @@ class ExportedModel(nn.Module):
                              "export it with tools/export_model.py --config-file CFG")
         self.task = meta["task"]
         self.output_names = meta.get("outputs", "").split(",")
-        self.size_divisibility = 0  # the graph pads inside; kept for code that reads the attribute
+        self.eval()  # inference only: forward refuses training mode
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, object]]:
         if self.training:
