@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-steps", "-T", type=int, default=1, help="time steps T (weights do not depend on T)")
     g.add_argument("--kd", action="store_true", help="add the distillation head head_kd (train: (head, head_kd); eval: mean)")
     g.add_argument("--head-input", default="spikes", choices=["spikes", "membrane"],
-                   help="main head on spikes (released code) or pre-LIF membrane (before d95ad13; spec 4.6)")
+                   help="main head on spikes (the released code) or on the pre-LIF membrane (the original's earlier code)")
     g.add_argument("--num-heads", type=int, default=8,
                    help="SDSA heads (the original's 8); changes no weight shape, so use the same value downstream")
     g.add_argument("--spike-levels", type=int, default=1,

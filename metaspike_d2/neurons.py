@@ -125,7 +125,7 @@ class LIFSurrogateCPU(torch.autograd.Function):
     ``dV[t-1] = dH[t] * (1 - 1/tau)``, with ``sg'(z) = alpha * sigmoid(alpha z) * (1 - sigmoid(alpha z))``.
     Written by hand because spikingjelly's CPU op validates, stacks and allocates a zero membrane and its
     gradient on every call, which at T=1 (the detection quickstart) costs more than the arithmetic
-    (the quickstart's training step: 1.42x faster with this kernel; docs/benchmarks.md, Table E).
+    (the quickstart's training step: 1.4x faster with this kernel; docs/benchmarks.md, Table E).
     """
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""A test-only re-statement of the original BICLab ``Spiking_vit_MetaFormer`` (upstream-spec §1, §4.7).
+"""A test-only re-statement of the original BICLab ``Spiking_vit_MetaFormer`` (its model file, as released).
 
 It keeps the original's module names (so its ``state_dict`` has the original key layout), its Conv1d
 token MLP, its ``Sequential(RepConv, BN)`` attention convs and the repeat-the-image-T-times encoding,

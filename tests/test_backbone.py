@@ -7,7 +7,7 @@ import metaspike_d2  # noqa: F401  (registers the timm models)
 from metaspike_d2 import FEATURE_NAMES, VARIANTS, MetaSpikeFormer, MetaSpikeFormerClassifier
 from metaspike_d2.neurons import repeat_over_time
 
-# upstream-spec 1.4: exact counts of the original code (1000 classes), without head, and with head_kd.
+# exact counts of the original code (1000 classes), without head, and with head_kd.
 PARAMS = {
     "15m": (15_112_208, 14_751_208, 15_473_208),
     "31m": (31_333_864, 30_852_864, 31_814_864),

@@ -30,7 +30,7 @@ say "site-packages: $SITE"
 
 pip_install() { say "pip install $*"; "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
-# 1. torch / torchvision: the pair whose files lie on this class of machine (see docs/install.md).
+# 1. torch / torchvision: a pinned pair known to work together (see docs/install.md).
 pip_install "torch==2.14.1" "torchvision==0.29.1"
 
 # 2. Detectron2's own dependencies (the wheel below is installed without them).

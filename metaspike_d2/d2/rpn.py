@@ -1,4 +1,4 @@
-"""Spiking RPN head (the original's ``SpikeRPNHead``, spec §2.3), the head switch, and an RPN whose
+"""Spiking RPN head (the original's ``SpikeRPNHead``), the head switch, and an RPN whose
 proposal selection breaks score ties by anchor index.
 
 Registered in ``RPN_HEAD_REGISTRY``: ``SpikeRPNHead`` and ``build_metaspike_rpn_head`` (spiking or
