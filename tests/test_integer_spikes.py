@@ -14,7 +14,8 @@ from metaspike_d2 import VARIANTS, MultiStepILIF, MultiStepLIF, expand_spikes, r
 from metaspike_d2.checkpoint import convert_original_state_dict
 from metaspike_d2.classifier import MetaSpikeFormerClassifier
 from metaspike_d2.energy.counter import SpikeCounter
-from metaspike_d2.neurons import binary_slots, is_spike_count, spiking_neuron
+from metaspike_d2.blocks import ATTN_REF_TOKENS, SpikeDrivenSelfAttention
+from metaspike_d2.neurons import binary_slots, is_spike_count, seq_apply, spiking_neuron
 from metaspike_d2.spike_expansion import BinarySlotLayer, spike_levels_of
 
 from .test_reparam import TOL, activate
@@ -272,6 +273,67 @@ def test_expansion_exact_on_detectron2_models(name):
         head = "roi_heads.box_head" if "mask_rcnn" in name else "sem_seg_head"
         assert any(n.startswith(head) for n in binary) and any(n.startswith("backbone.") and "stage" in n for n in binary)
         assert all(n.endswith("stem.downsample.conv") or not n.startswith("backbone") for n in dense), dense
+
+
+def attention_counts_at_init(spike_levels: int, size: int) -> float:
+    """Mean output of the 8 SDSA attention neurons of a fresh tiny classifier (train mode, batch statistics)."""
+    torch.manual_seed(0)
+    model = MetaSpikeFormerClassifier(variant="tiny", num_classes=3, spike_levels=spike_levels).train()
+    counts = []
+    hooks = [m.attn_lif.register_forward_hook(lambda _m, _i, o: counts.append(o.float().mean().item()))
+             for m in model.modules() if isinstance(m, SpikeDrivenSelfAttention)]
+    with torch.no_grad():
+        model(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    for h in hooks:
+        h.remove()
+    assert len(counts) == 8
+    return sum(counts) / len(counts)
+
+
+def test_integer_attention_is_not_saturated_at_init_at_any_size():
+    """With the fixed 0.125 of binary Q, K, V, D = 4 attention neurons start at mean counts ~1.7 (64 px, 16 tokens
+    per map) and ~3.7 of 4 (192 px, 144 tokens): saturated, no gradient through the I-LIF window. The normalized
+    product (operands as count / D, tokens relative to N_ref) keeps them at ~0.3 at both sizes."""
+    small, large = attention_counts_at_init(4, 64), attention_counts_at_init(4, 192)
+    assert 0.1 <= small <= 1.0 and 0.1 <= large <= 1.0, (small, large)
+    assert abs(small - large) <= 0.1, (small, large)  # independent of the token count
+
+
+def test_attention_product_scale():
+    integer = SpikeDrivenSelfAttention(16, num_heads=2, spike_levels=4, ref_tokens=ATTN_REF_TOKENS)
+    assert ATTN_REF_TOKENS == 196
+    for n in (16, 49, 196, 300):
+        assert integer.product_scale(n) == 0.125 * 196 / (n * 4 ** 3)
+    assert SpikeDrivenSelfAttention(16, num_heads=2, spike_levels=4).ref_tokens == ATTN_REF_TOKENS  # the default
+    binary = SpikeDrivenSelfAttention(16, num_heads=2)
+    assert binary.ref_tokens == 0 and all(binary.product_scale(n) == 0.125 for n in (16, 196, 300))
+    with pytest.raises(ValueError, match="ref_tokens"):
+        SpikeDrivenSelfAttention(16, num_heads=2, ref_tokens=196)  # binary operands keep the original's scale
+    # D decides the scale, and D travels with the weights: D = 4 models normalize, D = 1 models keep 0.125
+    for levels, ref in ((4, ATTN_REF_TOKENS), (1, 0.0)):
+        model = MetaSpikeFormerClassifier(variant="tiny", num_classes=3, spike_levels=levels)
+        assert {m.ref_tokens for m in model.modules() if isinstance(m, SpikeDrivenSelfAttention)} == {ref}
+    # converted original checkpoints keep exactly their keys (no new buffer)
+    assert "attn_ref_tokens" not in MetaSpikeFormerClassifier(variant="tiny", num_classes=3, spike_levels=4).state_dict()
+
+
+def test_binary_attention_unchanged():
+    """D = 1: the attention neuron's input is exactly 0.125 Q (K^T V), bit for bit, at any token count."""
+    torch.manual_seed(0)
+    attn = activate(SpikeDrivenSelfAttention(16, num_heads=2, attn_threshold=0.25, v_threshold=0.5)).eval()
+    seen = {}
+    attn.attn_lif.register_forward_hook(lambda _m, i, _o: seen.update(y=i[0]))
+    for hw in (3, 7):
+        x = torch.randn(1, 2, 16, hw, hw) * 2
+        with torch.no_grad():
+            attn(x)
+            h = attn.head_lif(x)
+            q, k, v = (attn._heads(lif(seq_apply(lambda s: bn(conv(s)), h))) for conv, bn, lif in (
+                (attn.q_conv, attn.q_bn, attn.q_lif), (attn.k_conv, attn.k_bn, attn.k_lif),
+                (attn.v_conv, attn.v_bn, attn.v_lif)))
+            ref = (q @ (k.transpose(-2, -1) @ v) * 0.125).transpose(-1, -2).reshape(1, 2, 16, hw, hw)
+        assert torch.equal(seen["y"], ref)
+    assert 0.2 < attention_counts_at_init(1, 128) < 0.3  # the binary model's rate at init, as before (0.245)
 
 
 def test_energy_counts_integer_spikes_by_hand():
