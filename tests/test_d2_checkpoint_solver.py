@@ -76,7 +76,7 @@ def test_full_model_round_trip_and_eval_only(tmp_path):
     from metaspike_d2.data.shapes import ShapesSplit, register_shapes_instances
     name = "test_d2_shapes_eval_only"
     register_shapes_instances(name, "evalonly", ShapesSplit(3, (64, 64), seed=11), tmp_path / "ds")
-    args = train_net.default_argument_parser().parse_args([
+    args = train_net.argument_parser().parse_args([
         "--config-file", QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
         "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32",
         "MODEL.ROI_BOX_HEAD.CONV_DIM", "32",
