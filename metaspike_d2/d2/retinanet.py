@@ -2,7 +2,8 @@
 
 ``META_ARCH_REGISTRY``: ``MetaSpikeRetinaNet`` = Detectron2's ``RetinaNet`` whose head is
 :class:`SpikeRetinaNetHead` when ``MODEL.METASPIKE.SPIKING_HEADS`` is true (else the stock head), and whose
-per-level candidate selection breaks score ties by index (:func:`~metaspike_d2.d2.rpn.stable_topk`).
+candidate selection and NMS order score ties by index (:func:`~metaspike_d2.d2.rpn.stable_topk`,
+:func:`~metaspike_d2.d2.rpn.stable_batched_nms`), as an exported graph does.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..neurons import mean_over_time, seq_apply
 from .backbone import build_lif
-from .rpn import stable_topk
+from .rpn import stable_batched_nms, stable_topk
 
 __all__ = ["SpikeRetinaNetHead", "MetaSpikeRetinaNet"]
 
@@ -105,3 +106,10 @@ class MetaSpikeRetinaNet(RetinaNet):
         anchor_idxs, class_idxs = candidates[idxs].unbind(dim=1)
         boxes = self.box2box_transform.apply_deltas(pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs])
         return Instances(image_size, pred_boxes=Boxes(boxes), scores=pred_scores, pred_classes=class_idxs)
+
+    def inference_single_image(self, anchors, box_cls, box_delta, image_size):
+        """Detectron2's, with :func:`stable_batched_nms` (ties in index order, as in an exported graph)."""
+        pred = self._decode_multi_level_predictions(anchors, box_cls, box_delta, self.test_score_thresh,
+                                                    self.test_topk_candidates, image_size)
+        keep = stable_batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh)
+        return pred[keep[: self.max_detections_per_image]]

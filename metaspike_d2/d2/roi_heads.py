@@ -9,6 +9,11 @@ Registered names:
 
 The switches build the spiking head when ``MODEL.METASPIKE.SPIKING_HEADS`` is true, else Detectron2's
 ``FastRCNNConvFCHead`` / ``MaskRCNNConvUpsampleHead``.
+
+Importing this module points Detectron2's ``fast_rcnn_inference`` (used by the Standard and Cascade heads) at
+:func:`~metaspike_d2.d2.rpn.stable_batched_nms`: the same detections, ordered with score ties by index, so
+that the top ``DETECTIONS_PER_IMAGE`` are the ones an exported graph keeps. Spiking box heads give exact
+ties (equal spike patterns, equal scores); Detectron2's NMS leaves their order open above 1000 boxes.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from detectron2.modeling.roi_heads import (
     FastRCNNConvFCHead,
     StandardROIHeads,
 )
+from detectron2.modeling.roi_heads import fast_rcnn
 from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead, MaskRCNNConvUpsampleHead
 from detectron2.structures import Boxes
 from torch import nn
@@ -35,6 +41,10 @@ from torch import nn
 from ..neurons import mean_over_time, seq_apply
 from .backbone import build_lif
 from .roi_align import MatmulROIAlign
+from .rpn import stable_batched_nms
+
+# one module-level name instead of copies of fast_rcnn_inference and CascadeROIHeads._forward_box (see above)
+fast_rcnn.batched_nms = stable_batched_nms
 
 __all__ = [
     "TimeFoldedROIPooler",

@@ -20,7 +20,8 @@ from torch import nn
 from ..neurons import mean_over_time, seq_apply
 from .backbone import build_lif
 
-__all__ = ["SpikeRPNHead", "build_metaspike_rpn_head", "MetaSpikeRPN", "find_top_proposals", "stable_topk"]
+__all__ = ["SpikeRPNHead", "build_metaspike_rpn_head", "MetaSpikeRPN", "find_top_proposals", "stable_topk",
+           "stable_batched_nms"]
 
 
 @RPN_HEAD_REGISTRY.register()
@@ -91,9 +92,23 @@ def stable_topk(x: torch.Tensor, k, dim: int = -1) -> Tuple[torch.Tensor, torch.
     return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
 
 
+def stable_batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Detectron2's ``batched_nms`` with the kept indices by descending score, ties in index order.
+
+    The kept set does not depend on the path, but its order does: torchvision's per-class path (taken for more
+    than 1000 boxes on the CPU) sorts the result with an unstable sort, while its coordinate-trick path and
+    ONNX's ``NonMaxSuppression`` (what an exported graph runs) order ties by index.
+    """
+    keep = batched_nms(boxes, scores, idxs, iou_threshold)
+    if torch.jit.is_tracing():
+        return keep
+    keep = keep.sort().values
+    return keep[scores[keep].sort(descending=True, stable=True).indices]
+
+
 def find_top_proposals(proposals: List[torch.Tensor], logits: List[torch.Tensor], image_sizes, nms_thresh: float,
                        pre_nms_topk: int, post_nms_topk: int, min_box_size: float, training: bool) -> List[Instances]:
-    """Detectron2's ``find_top_rpn_proposals`` with :func:`stable_topk` for the per-level selection.
+    """Detectron2's ``find_top_rpn_proposals`` with :func:`stable_topk` and :func:`stable_batched_nms`.
 
     ``proposals``: per level ``(N, Hi*Wi*A, 4)``; ``logits``: per level ``(N, Hi*Wi*A)``. Returns per image the
     ``post_nms_topk`` proposals left by a per-level NMS, by descending objectness (ties: level, then anchor).
@@ -118,7 +133,7 @@ def find_top_proposals(proposals: List[torch.Tensor], logits: List[torch.Tensor]
         image_boxes.clip(image_size)
         keep = image_boxes.nonempty(threshold=min_box_size)
         image_boxes, image_scores, image_levels = image_boxes[keep], image_scores[keep], image_levels[keep]
-        keep = batched_nms(image_boxes.tensor, image_scores, image_levels, nms_thresh)[:post_nms_topk]
+        keep = stable_batched_nms(image_boxes.tensor, image_scores, image_levels, nms_thresh)[:post_nms_topk]
         result = Instances(image_size)
         result.proposal_boxes = image_boxes[keep]
         result.objectness_logits = image_scores[keep]
