@@ -24,7 +24,7 @@ from typing import Dict, Iterable, Sequence, Tuple
 import torch
 from torch import nn
 
-from .blocks import ATTN_REF_TOKENS, PROJ_BN_EPS, ConvBlock, Downsample, SpikeDrivenSelfAttention, TransformerBlock
+from .blocks import PROJ_BN_EPS, ConvBlock, Downsample, SpikeDrivenSelfAttention, TransformerBlock
 from .neurons import SPIKING_NEURONS
 
 __all__ = ["VARIANTS", "Variant", "MetaSpikeFormer", "FEATURE_NAMES", "FeatureInfo", "V_THRESHOLD",
@@ -152,11 +152,7 @@ class MetaSpikeFormer(nn.Module):
         neurons = dict(v_threshold=v_threshold, spike_levels=int(spike_levels))
         down = partial(Downsample, **neurons)
         conv = partial(ConvBlock, **neurons)
-        # integer neurons: the normalized attention product (binary: the original's fixed scale, unchanged); set
-        # here, not left to the blocks' default, because D alone decides it (no buffer carries it)
-        ref_tokens = ATTN_REF_TOKENS if spike_levels >= 2 else 0.0
-        block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps,
-                        attn_ref_tokens=ref_tokens, **neurons)
+        block = partial(TransformerBlock, num_heads=num_heads, attn_proj_bn_eps=attn_proj_bn_eps, **neurons)
         self.stem = Stage(down(in_chans, c0 // 2, 7, 2, 3, spiking_input=False), [conv(c0 // 2)])
         self.stage1 = Stage(down(c0 // 2, c0), [conv(c0)])
         self.stage2 = Stage(down(c0, c1), [conv(c1), conv(c1)])

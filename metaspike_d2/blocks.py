@@ -207,7 +207,7 @@ class SpikeDrivenSelfAttention(nn.Module):
     original), spiked by a neuron with threshold ``attn_threshold`` (0.5), then projected by ``BN(RepConv(.))``.
     ``v_threshold`` is the threshold of the other four neurons (input, Q, K, V; the original's 1.0).
     ``spike_levels`` D >= 2 makes all five integer I-LIF neurons: Q, K, V are then counts in ``0..D``, and the
-    fixed scale gives way to the normalized product described under ``ref_tokens`` below.
+    fixed scale gives way to the normalized product described below.
 
     ``proj_bn_eps`` is the eps of the three BatchNorms of that projection. The original's is 1e-5; here it is
     0.1 (:data:`PROJ_BN_EPS`). The projection normalizes the attention neuron's spikes, which at
@@ -219,23 +219,22 @@ class SpikeDrivenSelfAttention(nn.Module):
     checkpoints carry 1e-5), so every load restores the eps a model
     was trained with (:class:`~metaspike_d2.backbone.MetaSpikeFormer` stores it with the weights).
 
-    ``ref_tokens`` (N_ref > 0; integer neurons only, D >= 2) normalizes the product instead of the fixed scale::
+    With integer neurons (D >= 2) the fixed scale gives way to a normalized product::
 
         y = scale * (N_ref / N) * (Q/D) ((K/D)^T (V/D))  =  scale * N_ref / (N D^3) * Q (K^T V)
 
-    with N = H * W tokens per time step. The fixed 0.125 was set for binary Q, K, V at the original's design
-    point (224 px ImageNet: N = 14 x 14 = 196 tokens in stages 3-4); ``Q (K^T V)`` sums over the N tokens
-    and over d_h channels, so it grows with N, and with counts in ``0..D`` by up to D^3. Operands as
-    rates ``count / D`` (the NI-LIF idea of Spike2Former applied to the products) and the token sum taken
-    relative to N_ref keep the attention neuron out of saturation at every input size (docs/integer_spikes.md).
-    It is one scalar on the integer coincidence count, i.e. a threshold of the attention neuron: the
-    products stay spike-driven and :func:`~metaspike_d2.expand_spikes` stays exact. ``ref_tokens = 0`` is the
-    fixed scale. Default (``None``): :data:`ATTN_REF_TOKENS` for D >= 2, 0 (the original's fixed scale) for D = 1.
+    with N = H * W tokens per time step and N_ref = :data:`ATTN_REF_TOKENS`. The fixed 0.125 was set for binary
+    Q, K, V at the original's design point (224 px ImageNet: N = 14 x 14 = 196 tokens in stages 3-4);
+    ``Q (K^T V)`` sums over the N tokens and over d_h channels, so it grows with N, and with counts in ``0..D``
+    by up to D^3. Operands as rates ``count / D`` (the NI-LIF idea of Spike2Former applied to the products)
+    and the token sum taken relative to N_ref keep the attention neuron out of saturation at every input size
+    (docs/integer_spikes.md). It is one scalar on the integer coincidence count, i.e. a threshold of the
+    attention neuron: the products stay spike-driven and :func:`~metaspike_d2.expand_spikes` stays exact. D
+    alone decides it (D travels with the weights), so binary models, converted originals included, keep 0.125.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, v_threshold: float = 1.0,
-                 attn_threshold: float = 0.5, proj_bn_eps: float = PROJ_BN_EPS, spike_levels: int = 1,
-                 ref_tokens: float | None = None):
+                 attn_threshold: float = 0.5, proj_bn_eps: float = PROJ_BN_EPS, spike_levels: int = 1):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"SDSA width {dim} is not divisible by num_heads={num_heads}")
@@ -252,16 +251,8 @@ class SpikeDrivenSelfAttention(nn.Module):
         self.proj_conv, self.proj_bn = RepConv(dim, dim), nn.BatchNorm2d(dim)
         self.set_proj_bn_eps(proj_bn_eps)
         self.spike_levels = int(spike_levels)
-        self.ref_tokens = 0.0
-        self.set_ref_tokens((ATTN_REF_TOKENS if self.spike_levels >= 2 else 0.0) if ref_tokens is None else ref_tokens)
-
-    def set_ref_tokens(self, ref_tokens: float) -> None:
-        """N_ref of the normalized product (0: the fixed ``scale``); only integer neurons (D >= 2) take one."""
-        ref_tokens = float(ref_tokens)
-        if ref_tokens < 0 or (ref_tokens and self.spike_levels < 2):
-            raise ValueError(f"SDSA ref_tokens must be 0 or, with spike_levels >= 2, > 0; got {ref_tokens} "
-                             f"at spike_levels={self.spike_levels}")
-        self.ref_tokens = ref_tokens
+        #: N_ref of the normalized product (integer neurons), 0 for the fixed scale (binary neurons)
+        self.ref_tokens = ATTN_REF_TOKENS if self.spike_levels >= 2 else 0.0
 
     def product_scale(self, tokens: int) -> float:
         """The factor of ``Q (K^T V)`` for ``tokens`` = N tokens per time step (see the class doc)."""
@@ -337,13 +328,11 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4, drop_path: float = 0.0,
-                 attn_proj_bn_eps: float = PROJ_BN_EPS, v_threshold: float = 1.0, spike_levels: int = 1,
-                 attn_ref_tokens: float | None = None):
+                 attn_proj_bn_eps: float = PROJ_BN_EPS, v_threshold: float = 1.0, spike_levels: int = 1):
         super().__init__()
         # the attention neuron keeps the original's ratio to the others (0.5 : 1)
         self.attn = SpikeDrivenSelfAttention(dim, num_heads, v_threshold=v_threshold, attn_threshold=0.5 * v_threshold,
-                                             proj_bn_eps=attn_proj_bn_eps, spike_levels=spike_levels,
-                                             ref_tokens=attn_ref_tokens)
+                                             proj_bn_eps=attn_proj_bn_eps, spike_levels=spike_levels)
         self.mlp = SpikeMLP(dim, mlp_ratio, v_threshold=v_threshold, spike_levels=spike_levels)
         self.drop_path = DropPath(drop_path)
 

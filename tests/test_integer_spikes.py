@@ -300,15 +300,12 @@ def test_integer_attention_is_not_saturated_at_init_at_any_size():
 
 
 def test_attention_product_scale():
-    integer = SpikeDrivenSelfAttention(16, num_heads=2, spike_levels=4, ref_tokens=ATTN_REF_TOKENS)
-    assert ATTN_REF_TOKENS == 196
+    integer = SpikeDrivenSelfAttention(16, num_heads=2, spike_levels=4)
+    assert ATTN_REF_TOKENS == 196 and integer.ref_tokens == ATTN_REF_TOKENS
     for n in (16, 49, 196, 300):
         assert integer.product_scale(n) == 0.125 * 196 / (n * 4 ** 3)
-    assert SpikeDrivenSelfAttention(16, num_heads=2, spike_levels=4).ref_tokens == ATTN_REF_TOKENS  # the default
     binary = SpikeDrivenSelfAttention(16, num_heads=2)
     assert binary.ref_tokens == 0 and all(binary.product_scale(n) == 0.125 for n in (16, 196, 300))
-    with pytest.raises(ValueError, match="ref_tokens"):
-        SpikeDrivenSelfAttention(16, num_heads=2, ref_tokens=196)  # binary operands keep the original's scale
     # D decides the scale, and D travels with the weights: D = 4 models normalize, D = 1 models keep 0.125
     for levels, ref in ((4, ATTN_REF_TOKENS), (1, 0.0)):
         model = MetaSpikeFormerClassifier(variant="tiny", num_classes=3, spike_levels=levels)
