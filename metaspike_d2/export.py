@@ -25,7 +25,7 @@ from .reparam import reparameterize
 
 __all__ = ["DEFAULT_OPSET", "METADATA_PREFIX", "export_onnx", "export_classifier", "spiking_settings"]
 
-#: ONNX opset of the exported graphs (16: RoiAlign with ``coordinate_transformation_mode``, GridSample).
+#: ONNX opset of the exported graphs (RoiAlign needs >= 16 for ``coordinate_transformation_mode``, i.e. aligned).
 DEFAULT_OPSET = 17
 #: Prefix of the metadata keys this project writes into a graph.
 METADATA_PREFIX = "metaspike."
