@@ -209,6 +209,8 @@ def test_graph_refused_for_another_config_and_backend_errors(tmp_path):
     other.MODEL.METASPIKE.T = 4
     with pytest.raises(ValueError, match="time_steps=1, the config says 4"):
         ExportedModel(other, path)
+    with pytest.raises(RuntimeError, match="inference only"):
+        ExportedModel(cfg, path).train()([{"image": torch.zeros(3, 64, 64)}])
     cfg.MODEL.WEIGHTS = str(path)
     with pytest.raises(ValueError, match="is an exported graph: run it with --backend onnxruntime"):
         build_inference_model(cfg, "pytorch")
